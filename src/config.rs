@@ -1,0 +1,695 @@
+//! `config.json` and `generation_config.json` → one runtime [`ModelConfig`].
+//!
+//! Hugging Face configs differ per architecture in names, defaults and in
+//! which features they switch on (biases, q/k norms, Gemma's sandwich norms,
+//! soft-capping, sliding windows). This module reads the raw JSON once and
+//! resolves every such difference into explicit fields, so the decoder in
+//! [`crate::models`] never looks at an architecture name. Defaults follow the
+//! matching `configuration_*.py` in `transformers`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::{Error, Result};
+
+/// The architectures taper implements, by their `architectures` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma2,
+    Gemma3,
+}
+
+impl Architecture {
+    /// Every supported class name, for error messages.
+    pub const SUPPORTED: [&'static str; 7] = [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+    ];
+
+    fn from_class(name: &str) -> Option<Self> {
+        Some(match name {
+            "LlamaForCausalLM" => Self::Llama,
+            "MistralForCausalLM" => Self::Mistral,
+            "Qwen2ForCausalLM" => Self::Qwen2,
+            "Qwen3ForCausalLM" => Self::Qwen3,
+            "Phi3ForCausalLM" => Self::Phi3,
+            "Gemma2ForCausalLM" => Self::Gemma2,
+            "Gemma3ForCausalLM" => Self::Gemma3,
+            _ => return None,
+        })
+    }
+
+    /// The Hugging Face class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Phi3 => "Phi3ForCausalLM",
+            Self::Gemma2 => "Gemma2ForCausalLM",
+            Self::Gemma3 => "Gemma3ForCausalLM",
+        }
+    }
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
+    }
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` / `swish`.
+    Silu,
+    /// `gelu_pytorch_tanh` / `gelu_new`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    Gelu,
+}
+
+/// How rotary frequencies are scaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// `linear`: positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Rotary embedding parameters for one group of layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// Which attention a layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerAttention {
+    /// Attends to every earlier position.
+    Full,
+    /// Attends to the last `window` positions, itself included.
+    Sliding { window: usize },
+}
+
+/// Everything the decoder needs, resolved from `config.json`.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub activation: Activation,
+    /// RoPE for full-attention layers (and all layers unless `rope_local` is set).
+    pub rope: Rope,
+    /// Gemma 3 uses a different base for its sliding-window layers.
+    pub rope_local: Option<Rope>,
+    /// One entry per layer.
+    pub layer_attention: Vec<LayerAttention>,
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k and v (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama's `attention_bias`).
+    pub o_bias: bool,
+    /// Biases on the MLP projections (Llama's `mlp_bias`).
+    pub mlp_bias: bool,
+    /// RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Gemma's RMSNorm multiplies by `1 + w` instead of `w`.
+    pub norm_plus_one: bool,
+    /// Gemma's extra norms after attention and around the MLP.
+    pub sandwich_norms: bool,
+    /// Gemma multiplies embeddings by `sqrt(hidden_size)`.
+    pub embedding_scale: Option<f64>,
+    /// Multiplier applied to q·k (1/sqrt(head_dim), or Gemma's `query_pre_attn_scalar`).
+    pub attn_scale: f64,
+    /// Gemma 2: `tanh(s / cap) * cap` on attention scores.
+    pub attn_logit_softcap: Option<f64>,
+    /// Gemma 2: the same on the final logits.
+    pub final_logit_softcap: Option<f64>,
+    /// Phi-3 stores q, k and v in one `qkv_proj` matrix.
+    pub fused_qkv: bool,
+    /// Phi-3 stores gate and up in one `gate_up_proj` matrix.
+    pub fused_gate_up: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The file this came from, for error messages.
+    pub source: PathBuf,
+}
+
+impl ModelConfig {
+    /// Reads and resolves `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw = read_json(path)?;
+        Self::from_json(&raw, path)
+    }
+
+    /// Resolves an already-parsed `config.json`.
+    pub fn from_json(raw: &Value, path: &Path) -> Result<Self> {
+        let obj = raw.as_object().ok_or_else(|| Error::Json {
+            path: path.to_owned(),
+            message: "the top level is not a JSON object".into(),
+        })?;
+        let fields = Fields { obj, path };
+        let architecture = fields.architecture()?;
+        let arch = architecture;
+
+        let hidden_size = fields.usize("hidden_size")?;
+        let num_heads = fields.usize("num_attention_heads")?;
+        let num_kv_heads = fields.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(fields.err(format!(
+                "num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})"
+            )));
+        }
+        let head_dim = match fields.opt_usize("head_dim")? {
+            Some(d) => d,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(fields.err(format!(
+                        "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads}) and head_dim is not given"
+                    )));
+                }
+                hidden_size / num_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(fields.err(format!("head_dim ({head_dim}) must be even for RoPE")));
+        }
+        let num_layers = fields.usize("num_hidden_layers")?;
+        let max_position_embeddings = fields.opt_usize("max_position_embeddings")?.unwrap_or(4096);
+
+        let act_name = fields
+            .opt_str("hidden_activation")
+            .or_else(|| fields.opt_str("hidden_act"))
+            .unwrap_or(if arch.is_gemma() { "gelu_pytorch_tanh" } else { "silu" });
+        let activation = match act_name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            "gelu" => Activation::Gelu,
+            other => {
+                return Err(fields.err(format!(
+                    "hidden_act '{other}' is not supported (expected silu, gelu or gelu_pytorch_tanh)"
+                )))
+            }
+        };
+
+        let (rope, rope_local) = fields.rope(arch)?;
+        let layer_attention = fields.layer_attention(arch, num_layers)?;
+
+        let default_tie = arch.is_gemma();
+        let tie_word_embeddings = fields.opt_bool("tie_word_embeddings")?.unwrap_or(default_tie);
+        let attention_bias = fields.opt_bool("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Architecture::Qwen2 => (true, false),
+            Architecture::Llama | Architecture::Qwen3 | Architecture::Gemma2 | Architecture::Gemma3 => {
+                (attention_bias, attention_bias)
+            }
+            _ => (false, false),
+        };
+        let mlp_bias = arch == Architecture::Llama && fields.opt_bool("mlp_bias")?.unwrap_or(false);
+
+        let attn_scale = if arch.is_gemma() {
+            let s = fields.opt_f64("query_pre_attn_scalar")?.unwrap_or(head_dim as f64);
+            if s <= 0.0 {
+                return Err(fields.err("query_pre_attn_scalar must be positive".into()));
+            }
+            s.powf(-0.5)
+        } else {
+            (head_dim as f64).powf(-0.5)
+        };
+        let softcap = |name: &str| -> Result<Option<f64>> {
+            Ok(fields.opt_f64(name)?.filter(|c| *c > 0.0))
+        };
+        let (attn_logit_softcap, final_logit_softcap) = match arch {
+            Architecture::Gemma2 | Architecture::Gemma3 => {
+                (softcap("attn_logit_softcapping")?, softcap("final_logit_softcapping")?)
+            }
+            _ => (None, None),
+        };
+
+        let eps_default = if arch.is_gemma() { 1e-6 } else { 1e-5 };
+        let rms_norm_eps = fields
+            .opt_f64("rms_norm_eps")?
+            .unwrap_or(eps_default);
+
+        Ok(ModelConfig {
+            architecture,
+            vocab_size: fields.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: fields.usize("intermediate_size")?,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            max_position_embeddings,
+            rms_norm_eps,
+            activation,
+            rope,
+            rope_local,
+            layer_attention,
+            tie_word_embeddings,
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Gemma3),
+            norm_plus_one: arch.is_gemma(),
+            sandwich_norms: arch.is_gemma(),
+            embedding_scale: arch.is_gemma().then(|| (hidden_size as f64).sqrt()),
+            attn_scale,
+            attn_logit_softcap,
+            final_logit_softcap,
+            fused_qkv: arch == Architecture::Phi3,
+            fused_gate_up: arch == Architecture::Phi3,
+            bos_token_id: fields.opt_token_ids("bos_token_id")?.and_then(|v| v.first().copied()),
+            eos_token_ids: fields.opt_token_ids("eos_token_id")?.unwrap_or_default(),
+            source: path.to_owned(),
+        })
+    }
+
+    /// The rope parameters a layer uses.
+    pub fn rope_for_layer(&self, layer: usize) -> &Rope {
+        match (self.layer_attention.get(layer), &self.rope_local) {
+            (Some(LayerAttention::Sliding { .. }), Some(local)) => local,
+            _ => &self.rope,
+        }
+    }
+}
+
+/// Sampling defaults and stop tokens from `generation_config.json`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw = read_json(path)?;
+        let obj = raw.as_object().ok_or_else(|| Error::Json {
+            path: path.to_owned(),
+            message: "the top level is not a JSON object".into(),
+        })?;
+        let f = Fields { obj, path };
+        Ok(GenerationConfig {
+            eos_token_ids: f.opt_token_ids("eos_token_id")?.unwrap_or_default(),
+            bos_token_id: f.opt_token_ids("bos_token_id")?.and_then(|v| v.first().copied()),
+            do_sample: f.opt_bool("do_sample")?,
+            temperature: f.opt_f64("temperature")?,
+            top_p: f.opt_f64("top_p")?,
+            top_k: f.opt_usize("top_k")?,
+            min_p: f.opt_f64("min_p")?,
+            repetition_penalty: f.opt_f64("repetition_penalty")?,
+            max_new_tokens: f.opt_usize("max_new_tokens")?,
+        })
+    }
+}
+
+/// Reads a JSON file, naming it in any error.
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Typed access to a config object, with errors naming the file and field.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn err(&self, message: String) -> Error {
+        Error::Config {
+            path: self.path.to_owned(),
+            message,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| self.err(format!("required field '{key}' is missing")))
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(format!("field '{key}' must be a non-negative integer, found {v}"))),
+        }
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("field '{key}' must be a number, found {v}"))),
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("field '{key}' must be true or false, found {v}"))),
+        }
+    }
+
+    fn opt_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+
+    /// A token id given as a number or a list of numbers.
+    fn opt_token_ids(&self, key: &str) -> Result<Option<Vec<u32>>> {
+        let bad = || self.err(format!("field '{key}' must be a token id or a list of token ids"));
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad))
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(|n| Some(vec![n]))
+                .ok_or_else(bad),
+        }
+    }
+
+    fn architecture(&self) -> Result<Architecture> {
+        let names: Vec<&str> = match self.get("architectures") {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        if let Some(arch) = names.iter().find_map(|n| Architecture::from_class(n)) {
+            return Ok(arch);
+        }
+        // Some configs carry only `model_type`.
+        let from_type = match self.opt_str("model_type") {
+            Some("llama") => Some(Architecture::Llama),
+            Some("mistral") => Some(Architecture::Mistral),
+            Some("qwen2") => Some(Architecture::Qwen2),
+            Some("qwen3") => Some(Architecture::Qwen3),
+            Some("phi3") => Some(Architecture::Phi3),
+            Some("gemma2") => Some(Architecture::Gemma2),
+            Some("gemma3_text") => Some(Architecture::Gemma3),
+            _ => None,
+        };
+        if names.is_empty() {
+            if let Some(arch) = from_type {
+                return Ok(arch);
+            }
+        }
+        let found = if names.is_empty() {
+            format!(
+                "model_type {}",
+                self.opt_str("model_type").unwrap_or("(none and no 'architectures')")
+            )
+        } else {
+            names.join(", ")
+        };
+        Err(Error::UnsupportedArchitecture {
+            path: self.path.to_owned(),
+            found,
+            supported: Architecture::SUPPORTED.join(", "),
+        })
+    }
+
+    /// Reads RoPE parameters from either the classic keys (`rope_theta`,
+    /// `rope_scaling`) or transformers 5's `rope_parameters`, which may be
+    /// keyed by layer type (`full_attention`, `sliding_attention`).
+    fn rope(&self, arch: Architecture) -> Result<(Rope, Option<Rope>)> {
+        let default_theta = 10_000.0;
+        let params = self.get("rope_parameters").and_then(Value::as_object);
+        let (global, local) = match params {
+            Some(p) if p.contains_key("full_attention") || p.contains_key("sliding_attention") => {
+                let g = p.get("full_attention").and_then(Value::as_object);
+                let l = p.get("sliding_attention").and_then(Value::as_object);
+                (g, l)
+            }
+            Some(p) => (Some(p), None),
+            None => (None, None),
+        };
+        let classic_theta = self.opt_f64("rope_theta")?;
+        let classic_scaling = self.get("rope_scaling").and_then(Value::as_object);
+        let global_rope = self.parse_rope(
+            global,
+            classic_theta.unwrap_or(default_theta),
+            classic_scaling,
+        )?;
+        let local_rope = if arch == Architecture::Gemma3 {
+            let local_theta = self.opt_f64("rope_local_base_freq")?.unwrap_or(default_theta);
+            // Gemma 3's sliding layers never use the long-context scaling.
+            Some(self.parse_rope(local, local_theta, None)?)
+        } else {
+            None
+        };
+        Ok((global_rope, local_rope))
+    }
+
+    fn parse_rope(
+        &self,
+        params: Option<&Map<String, Value>>,
+        fallback_theta: f64,
+        fallback_scaling: Option<&Map<String, Value>>,
+    ) -> Result<Rope> {
+        let theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(fallback_theta);
+        let scaling_obj = params.or(fallback_scaling);
+        let scaling = match scaling_obj {
+            None => RopeScaling::None,
+            Some(s) => {
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                let num = |k: &str| -> Result<f64> {
+                    s.get(k).and_then(Value::as_f64).ok_or_else(|| {
+                        self.err(format!("rope scaling '{kind}' needs a numeric '{k}'"))
+                    })
+                };
+                match kind {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear {
+                        factor: num("factor")?,
+                    },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: num("factor")?,
+                        low_freq_factor: num("low_freq_factor")?,
+                        high_freq_factor: num("high_freq_factor")?,
+                        original_max_position_embeddings: num("original_max_position_embeddings")?,
+                    },
+                    other => {
+                        return Err(self.err(format!(
+                            "rope scaling type '{other}' is not supported (supported: default, linear, llama3)"
+                        )))
+                    }
+                }
+            }
+        };
+        Ok(Rope { theta, scaling })
+    }
+
+    /// Which layers use a sliding window, following each architecture's
+    /// `transformers` defaults when `layer_types` is absent.
+    fn layer_attention(&self, arch: Architecture, num_layers: usize) -> Result<Vec<LayerAttention>> {
+        let window = self.opt_usize("sliding_window")?;
+        let sliding = |w: Option<usize>| -> Result<LayerAttention> {
+            match w {
+                Some(0) | None => Err(self.err(
+                    "a layer uses sliding attention but 'sliding_window' is missing or 0".into(),
+                )),
+                Some(window) => Ok(LayerAttention::Sliding { window }),
+            }
+        };
+        if let Some(Value::Array(types)) = self.get("layer_types") {
+            if types.len() != num_layers {
+                return Err(self.err(format!(
+                    "layer_types has {} entries but num_hidden_layers is {num_layers}",
+                    types.len()
+                )));
+            }
+            return types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention") => Ok(LayerAttention::Full),
+                    Some("sliding_attention") => sliding(window),
+                    _ => Err(self.err(format!("unknown entry {t} in layer_types"))),
+                })
+                .collect();
+        }
+        let all_full = vec![LayerAttention::Full; num_layers];
+        match arch {
+            Architecture::Mistral | Architecture::Phi3 => match window {
+                Some(w) if w > 0 => Ok(vec![LayerAttention::Sliding { window: w }; num_layers]),
+                _ => Ok(all_full),
+            },
+            Architecture::Qwen2 | Architecture::Qwen3 => {
+                if self.opt_bool("use_sliding_window")?.unwrap_or(false) {
+                    let max_window_layers = self.opt_usize("max_window_layers")?.unwrap_or(num_layers);
+                    (0..num_layers)
+                        .map(|i| {
+                            if i >= max_window_layers {
+                                sliding(window)
+                            } else {
+                                Ok(LayerAttention::Full)
+                            }
+                        })
+                        .collect()
+                } else {
+                    Ok(all_full)
+                }
+            }
+            Architecture::Gemma2 => (0..num_layers)
+                .map(|i| if i % 2 == 0 { sliding(window) } else { Ok(LayerAttention::Full) })
+                .collect(),
+            Architecture::Gemma3 => {
+                let pattern = self.opt_usize("sliding_window_pattern")?.unwrap_or(6).max(1);
+                (0..num_layers)
+                    .map(|i| {
+                        if (i + 1) % pattern != 0 {
+                            sliding(window)
+                        } else {
+                            Ok(LayerAttention::Full)
+                        }
+                    })
+                    .collect()
+            }
+            Architecture::Llama => Ok(all_full),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&v, Path::new("config.json"))
+    }
+
+    fn base(arch: &str) -> Value {
+        json!({
+            "architectures": [arch],
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+        })
+    }
+
+    #[test]
+    fn unknown_architecture_is_named_with_the_supported_list() {
+        let err = parse(base("FalconForCausalLM")).unwrap_err().to_string();
+        assert!(err.contains("FalconForCausalLM"), "{err}");
+        assert!(err.contains("Qwen3ForCausalLM"), "{err}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let mut v = base("LlamaForCausalLM");
+        v.as_object_mut().unwrap().remove("vocab_size");
+        let err = parse(v).unwrap_err().to_string();
+        assert!(err.contains("'vocab_size'"), "{err}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_llama_does_not() -> Result<()> {
+        assert!(parse(base("Qwen2ForCausalLM"))?.qkv_bias);
+        assert!(!parse(base("LlamaForCausalLM"))?.qkv_bias);
+        Ok(())
+    }
+
+    #[test]
+    fn gemma2_alternates_sliding_and_full_layers() -> Result<()> {
+        let mut v = base("Gemma2ForCausalLM");
+        v["sliding_window"] = json!(8);
+        v["query_pre_attn_scalar"] = json!(256);
+        let c = parse(v)?;
+        assert_eq!(c.layer_attention[0], LayerAttention::Sliding { window: 8 });
+        assert_eq!(c.layer_attention[1], LayerAttention::Full);
+        assert!((c.attn_scale - 1.0 / 16.0).abs() < 1e-12);
+        assert!(c.tie_word_embeddings && c.norm_plus_one && c.sandwich_norms);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_parameters_by_layer_type_are_read() -> Result<()> {
+        let mut v = base("Gemma3ForCausalLM");
+        v["sliding_window"] = json!(4);
+        v["layer_types"] = json!(["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]);
+        v["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}
+        });
+        let c = parse(v)?;
+        assert_eq!(c.rope.theta, 1_000_000.0);
+        assert_eq!(c.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(c.rope_for_layer(0).theta, 10_000.0);
+        assert_eq!(c.rope_for_layer(2).theta, 1_000_000.0);
+        Ok(())
+    }
+
+    #[test]
+    fn unsupported_rope_type_is_an_error() {
+        let mut v = base("LlamaForCausalLM");
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        let err = parse(v).unwrap_err().to_string();
+        assert!(err.contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn bad_head_counts_are_rejected() {
+        let mut v = base("LlamaForCausalLM");
+        v["num_key_value_heads"] = json!(3);
+        assert!(parse(v).is_err());
+    }
+}

@@ -1,0 +1,126 @@
+//! The library's one error type.
+//!
+//! Every variant names what the user has to look at: the file, the tensor, the
+//! field or the repository. The binary prints these with `{:#}` through
+//! `anyhow`; nothing in the library panics on input a user or a file controls.
+
+use std::path::PathBuf;
+
+/// Errors from loading and running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // ---- model source / Hub -------------------------------------------------
+    /// `--model` was neither an existing folder nor a well-formed repo id.
+    #[error("'{0}' is neither a local folder nor a Hub repo id of the form 'org/name'")]
+    BadModelId(String),
+
+    /// `--revision` is empty or could not name a branch, tag or commit.
+    #[error("'{0}' is not a valid revision: give a branch, a tag or a commit hash")]
+    BadRevision(String),
+
+    /// A required file is absent from a local model folder.
+    #[error("{file} is missing from the model folder {dir}")]
+    MissingFile { dir: PathBuf, file: String },
+
+    /// The Hub answered 401/403: the repo is gated or private.
+    #[error("access to {repo} was refused by the Hub ({status}): the repo is gated or private; set HF_TOKEN or run `huggingface-cli login` with an account that has access")]
+    HubUnauthorized { repo: String, status: u16 },
+
+    /// The Hub answered 404 for the repo, the revision or a file.
+    #[error("{what} was not found on the Hub ({url})")]
+    HubNotFound { what: String, url: String },
+
+    /// Offline mode, and the file is not in the cache.
+    #[error("HF_HUB_OFFLINE is set and {file} of {repo} (revision {revision}) is not in the Hub cache at {cache}")]
+    OfflineNotCached {
+        repo: String,
+        revision: String,
+        file: String,
+        cache: PathBuf,
+    },
+
+    /// Any other failure talking to the Hub.
+    #[error("downloading {file} from {repo}: {message}")]
+    Hub {
+        repo: String,
+        file: String,
+        message: String,
+    },
+
+    // ---- files ---------------------------------------------------------------
+    /// Reading a file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file did not parse, or lacks a field.
+    #[error("parsing {path}: {message}")]
+    Json { path: PathBuf, message: String },
+
+    /// A config field is missing or out of range.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+
+    /// `architectures` names a model taper does not implement.
+    #[error("unsupported architecture '{found}' in {path}; taper supports: {supported}")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        found: String,
+        supported: String,
+    },
+
+    // ---- weights -------------------------------------------------------------
+    /// A safetensors file is truncated, corrupt or not safetensors at all.
+    #[error("{path} is not a valid safetensors file: {message}")]
+    CorruptWeights { path: PathBuf, message: String },
+
+    /// A tensor the architecture needs is in none of the weight files.
+    #[error("tensor '{name}' is missing from the weights ({files})")]
+    MissingTensor { name: String, files: String },
+
+    /// A tensor has a different shape from the one the config implies.
+    #[error("tensor '{name}' in {path} has shape {found:?}, expected {expected:?} from config.json")]
+    TensorShape {
+        name: String,
+        path: PathBuf,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+
+    /// A tensor has a dtype taper cannot load.
+    #[error("tensor '{name}' in {path} has dtype {dtype}, which taper cannot load (expected F32, F16 or BF16)")]
+    TensorDtype {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+    },
+
+    // ---- devices and runtime -------------------------------------------------
+    /// A device or dtype the build or the machine cannot provide.
+    #[error("{0}")]
+    Device(String),
+
+    /// A request the model cannot serve (e.g. longer than its context).
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    /// A failure inside candle while computing.
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

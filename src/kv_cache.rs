@@ -1,0 +1,124 @@
+//! Per-sequence key/value caches, owned outside the model.
+//!
+//! The decoder reads and appends to the cache of each sequence it is given;
+//! who owns the caches (a CLI loop, a scheduler) decides when they are
+//! created, reset or dropped. Storage grows in place: each layer keeps a
+//! buffer with spare capacity and new positions are written into it, so a
+//! decode step copies only the new token's keys and values, not the history.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::Result;
+
+/// Keys and values of one layer: `[kv_heads, capacity, head_dim]` buffers,
+/// of which the first `len` positions are filled.
+#[derive(Debug, Clone)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The KV cache of one sequence across all layers.
+#[derive(Debug, Clone)]
+pub struct SeqKvCache {
+    layers: Vec<Option<LayerCache>>,
+    /// Positions stored (the same in every layer once a forward pass is done).
+    len: usize,
+}
+
+/// Capacity is rounded up to this many positions, so growth is rare.
+const GROWTH_CHUNK: usize = 256;
+
+impl SeqKvCache {
+    /// An empty cache for a model with `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        SeqKvCache {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions already cached: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops everything, keeping the allocation for reuse.
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Forgets every position from `len` on (e.g. to re-run a suffix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Marks `n` more positions as filled; called by the decoder once every
+    /// layer has appended them.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Writes `k` and `v` (`[kv_heads, n, head_dim]`) for `layer` at the
+    /// current end and returns views of all cached keys and values
+    /// (`[kv_heads, len + n, head_dim]`).
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (kv_heads, n, head_dim) = k.dims3()?;
+        let needed = self.len + n;
+        let slot = &mut self.layers[layer];
+        let capacity = slot.as_ref().map_or(0, |c| c.k.dim(1).unwrap_or(0));
+        if needed > capacity {
+            let new_cap = needed.div_ceil(GROWTH_CHUNK) * GROWTH_CHUNK;
+            let new_cap = new_cap.max(capacity * 2);
+            let grow = |old: Option<&Tensor>, dtype: DType, device: &Device| -> Result<Tensor> {
+                let fresh = Tensor::zeros((kv_heads, new_cap, head_dim), dtype, device)?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        fresh.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                    }
+                }
+                Ok(fresh)
+            };
+            let new_k = grow(slot.as_ref().map(|c| &c.k), k.dtype(), k.device())?;
+            let new_v = grow(slot.as_ref().map(|c| &c.v), v.dtype(), v.device())?;
+            *slot = Some(LayerCache { k: new_k, v: new_v });
+        }
+        let Some(cache) = slot.as_ref() else {
+            unreachable!("the slot was filled just above")
+        };
+        cache.k.slice_set(&k.contiguous()?, 1, self.len)?;
+        cache.v.slice_set(&v.contiguous()?, 1, self.len)?;
+        Ok((cache.k.narrow(1, 0, needed)?, cache.v.narrow(1, 0, needed)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_and_grows() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = SeqKvCache::new(1);
+        let a = Tensor::arange(0f32, 6., &dev)?.reshape((1, 3, 2))?;
+        let (k, _) = c.append(0, &a, &a)?;
+        assert_eq!(k.dims(), &[1, 3, 2]);
+        c.advance(3);
+        // Past the first chunk: forces a reallocation that must keep history.
+        let big = Tensor::ones((1, 300, 2), DType::F32, &dev)?;
+        let (k, v) = c.append(0, &big, &big)?;
+        c.advance(300);
+        assert_eq!(k.dims(), &[1, 303, 2]);
+        assert_eq!(k.narrow(1, 0, 3)?.flatten_all()?.to_vec1::<f32>()?, vec![0., 1., 2., 3., 4., 5.]);
+        assert_eq!(v.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?, vec![1., 1.]);
+        assert_eq!(c.len(), 303);
+        c.truncate(2);
+        assert_eq!(c.len(), 2);
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! taper: a Hugging Face-compatible LLM inference runtime on candle.
+//!
+//! Data flows one way: a model source ([`hub`]) resolves to files, [`config`]
+//! turns `config.json` into one runtime [`config::ModelConfig`], [`weights`]
+//! memory-maps the safetensors, and [`models`] builds the decoder whose forward
+//! pass takes a batch of sequences with their own positions and KV caches
+//! ([`kv_cache`]), owned outside the model so a scheduler can batch them.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod hub;
+pub mod kv_cache;
+pub mod models;
+pub mod weights;
+
+pub use error::{Error, Result};

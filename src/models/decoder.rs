@@ -1,0 +1,434 @@
+//! The decoder-only transformer behind every supported architecture.
+//!
+//! Llama, Mistral, Qwen2/3, Phi-3 and Gemma 2/3 differ only in switches that
+//! [`ModelConfig`] resolves (biases, q/k norms, sandwich norms, soft-capping,
+//! sliding windows, fused projections), so one implementation serves them
+//! all; see `docs/ARCHITECTURE.md` for why this departs from candle's
+//! one-file-per-model layout. Reference: `modeling_llama.py`,
+//! `modeling_qwen2.py`, `modeling_qwen3.py`, `modeling_phi3.py`,
+//! `modeling_gemma2.py` and `modeling_gemma3.py` in `transformers`.
+//!
+//! The forward pass packs the new tokens of every sequence in the batch into
+//! one `[tokens, hidden]` matrix, so the projections and MLPs (where the
+//! weights are read) run once for the whole batch; only attention runs per
+//! sequence, against that sequence's own cache and positions.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{LayerAttention, ModelConfig};
+use crate::kv_cache::SeqKvCache;
+use crate::models::layers::{apply_rope, soft_cap, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding};
+use crate::weights::WeightStore;
+use crate::{Error, Result};
+
+/// Which logits a sequence needs back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last new token's, to pick the next token.
+    Last,
+    /// One row per new token (prompt logprobs, echo, tests).
+    All,
+}
+
+/// One sequence in a forward pass: its new tokens and its cache.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqKvCache,
+    pub logits: Logits,
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    kind: LayerAttention,
+    /// Index into the decoder's rotary tables (0: global, 1: local).
+    rope: usize,
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    /// Gemma: normalises the attention output before the residual add.
+    post_attn_norm: Option<RmsNorm>,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`,
+    /// Gemma's `pre_feedforward_layernorm`).
+    pre_mlp_norm: RmsNorm,
+    mlp: Mlp,
+    /// Gemma: normalises the MLP output before the residual add.
+    post_mlp_norm: Option<RmsNorm>,
+}
+
+/// A loaded model, ready to run forward passes.
+pub struct Decoder {
+    config: ModelConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    ropes: Vec<RotaryEmbedding>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Decoder {
+    /// Builds the model from its weights, checking every tensor's shape.
+    pub fn load(config: ModelConfig, store: &WeightStore, dtype: DType, device: &Device) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let q_dim = c.num_heads * hd;
+        let kv_dim = c.num_kv_heads * hd;
+        let norm = |name: &str, dim: usize| RmsNorm::load(store, name, dim, c.rms_norm_eps, c.norm_plus_one, device);
+
+        let embed = Embedding::new(store.load("model.embed_tokens.weight", &[c.vocab_size, h], dtype, device)?);
+
+        let mut ropes = vec![RotaryEmbedding::new(&c.rope, hd)];
+        if let Some(local) = &c.rope_local {
+            ropes.push(RotaryEmbedding::new(local, hd));
+        }
+
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let (q, k, v) = if c.fused_qkv {
+                let w = store.load(&format!("{p}.self_attn.qkv_proj.weight"), &[q_dim + 2 * kv_dim, h], dtype, device)?;
+                (
+                    Linear::new(w.narrow(0, 0, q_dim)?.contiguous()?, None),
+                    Linear::new(w.narrow(0, q_dim, kv_dim)?.contiguous()?, None),
+                    Linear::new(w.narrow(0, q_dim + kv_dim, kv_dim)?.contiguous()?, None),
+                )
+            } else {
+                (
+                    Linear::load(store, &format!("{p}.self_attn.q_proj"), h, q_dim, c.qkv_bias, dtype, device)?,
+                    Linear::load(store, &format!("{p}.self_attn.k_proj"), h, kv_dim, c.qkv_bias, dtype, device)?,
+                    Linear::load(store, &format!("{p}.self_attn.v_proj"), h, kv_dim, c.qkv_bias, dtype, device)?,
+                )
+            };
+            let o = Linear::load(store, &format!("{p}.self_attn.o_proj"), q_dim, h, c.o_bias, dtype, device)?;
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?),
+                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?),
+                )
+            } else {
+                (None, None)
+            };
+            let kind = c.layer_attention[i];
+            let rope = usize::from(matches!(kind, LayerAttention::Sliding { .. }) && c.rope_local.is_some());
+
+            let inter = c.intermediate_size;
+            let (gate, up) = if c.fused_gate_up {
+                let w = store.load(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h], dtype, device)?;
+                (
+                    Linear::new(w.narrow(0, 0, inter)?.contiguous()?, None),
+                    Linear::new(w.narrow(0, inter, inter)?.contiguous()?, None),
+                )
+            } else {
+                (
+                    Linear::load(store, &format!("{p}.mlp.gate_proj"), h, inter, c.mlp_bias, dtype, device)?,
+                    Linear::load(store, &format!("{p}.mlp.up_proj"), h, inter, c.mlp_bias, dtype, device)?,
+                )
+            };
+            let down = Linear::load(store, &format!("{p}.mlp.down_proj"), inter, h, c.mlp_bias, dtype, device)?;
+            let mlp = Mlp {
+                gate,
+                up,
+                down,
+                activation: c.activation,
+            };
+
+            let (post_attn_norm, pre_mlp_norm, post_mlp_norm) = if c.sandwich_norms {
+                (
+                    Some(norm(&format!("{p}.post_attention_layernorm.weight"), h)?),
+                    norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+                    Some(norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?),
+                )
+            } else {
+                (None, norm(&format!("{p}.post_attention_layernorm.weight"), h)?, None)
+            };
+
+            layers.push(Layer {
+                input_norm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                attn: Attention {
+                    q,
+                    k,
+                    v,
+                    o,
+                    q_norm,
+                    k_norm,
+                    kind,
+                    rope,
+                },
+                post_attn_norm,
+                pre_mlp_norm,
+                mlp,
+                post_mlp_norm,
+            });
+        }
+
+        let final_norm = norm("model.norm.weight", h)?;
+        // Tied checkpoints may still carry an `lm_head.weight`; like
+        // `transformers`, a tied model ignores it and uses the embeddings.
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(embed.table().clone(), None)
+        } else {
+            Linear::load(store, "lm_head", h, c.vocab_size, false, dtype, device)?
+        };
+
+        Ok(Decoder {
+            config,
+            embed,
+            layers,
+            norm: final_norm,
+            lm_head,
+            ropes,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh, empty cache for one sequence of this model.
+    pub fn new_cache(&self) -> SeqKvCache {
+        SeqKvCache::new(self.config.num_layers)
+    }
+
+    /// Number of parameters, counting a tied embedding once.
+    pub fn num_parameters(&self) -> usize {
+        let c = &self.config;
+        let mut n = self.embed.table().elem_count() + c.hidden_size;
+        if !c.tie_word_embeddings {
+            n += self.lm_head.weight().elem_count();
+        }
+        for l in &self.layers {
+            let a = &l.attn;
+            for lin in [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down] {
+                n += lin.weight().elem_count();
+            }
+            n += c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
+            if c.qk_norm {
+                n += 2 * c.head_dim;
+            }
+            if c.qkv_bias {
+                n += (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
+            }
+        }
+        n
+    }
+
+    /// Runs the new tokens of every sequence through the model, appending
+    /// their keys and values to each sequence's cache, and returns each
+    /// sequence's logits (`[1, vocab]` or `[tokens, vocab]`, f32).
+    pub fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Tensor>> {
+        let c = &self.config;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for seq in batch.iter() {
+            if seq.tokens.is_empty() {
+                return Err(Error::InvalidRequest("a sequence in the batch has no new tokens".into()));
+            }
+            let start = seq.cache.len();
+            if start + seq.tokens.len() > c.max_position_embeddings {
+                return Err(Error::InvalidRequest(format!(
+                    "the sequence needs {} positions but the model's context is {} (max_position_embeddings)",
+                    start + seq.tokens.len(),
+                    c.max_position_embeddings
+                )));
+            }
+            if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {bad} is outside the vocabulary (vocab_size {})",
+                    c.vocab_size
+                )));
+            }
+            ids.extend_from_slice(seq.tokens);
+            positions.extend(start..start + seq.tokens.len());
+        }
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let mut x = self.embed.forward(&ids)?;
+        if let Some(scale) = c.embedding_scale {
+            // Gemma rounds the scale to the compute dtype before multiplying.
+            let s = Tensor::new(scale as f32, &self.device)?.to_dtype(self.dtype)?;
+            x = x.broadcast_mul(&s)?;
+        }
+        let tables = self
+            .ropes
+            .iter()
+            .map(|r| r.tables(&positions, self.dtype, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
+            let residual = x.clone();
+            let h = layer.input_norm.forward(&x)?;
+            let (cos, sin) = &tables[layer.attn.rope];
+            let mut attn = self.attention(layer_idx, &layer.attn, &h, cos, sin, batch)?;
+            if let Some(n) = &layer.post_attn_norm {
+                attn = n.forward(&attn)?;
+            }
+            x = (residual + attn)?;
+            let residual = x.clone();
+            let h = layer.pre_mlp_norm.forward(&x)?;
+            let mut m = layer.mlp.forward(&h)?;
+            if let Some(n) = &layer.post_mlp_norm {
+                m = n.forward(&m)?;
+            }
+            x = (residual + m)?;
+        }
+        for seq in batch.iter_mut() {
+            seq.cache.advance(seq.tokens.len());
+        }
+
+        // Only the rows whose logits are wanted go through the (large) head.
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(batch.len());
+        let mut offset = 0u32;
+        for seq in batch.iter() {
+            let n = seq.tokens.len() as u32;
+            match seq.logits {
+                Logits::Last => {
+                    rows.push(offset + n - 1);
+                    counts.push(1);
+                }
+                Logits::All => {
+                    rows.extend(offset..offset + n);
+                    counts.push(n as usize);
+                }
+            }
+            offset += n;
+        }
+        let n_rows = rows.len();
+        let rows = Tensor::from_vec(rows, n_rows, &self.device)?;
+        let x = x.index_select(&rows, 0)?;
+        let x = self.norm.forward(&x)?;
+        let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        if let Some(cap) = c.final_logit_softcap {
+            logits = soft_cap(&logits, cap)?;
+        }
+        let mut out = Vec::with_capacity(counts.len());
+        let mut start = 0;
+        for n in counts {
+            out.push(logits.narrow(0, start, n)?);
+            start += n;
+        }
+        Ok(out)
+    }
+
+    /// Self-attention for a packed batch: projections over all tokens at
+    /// once, then each sequence attends over its own cache.
+    fn attention(
+        &self,
+        layer_idx: usize,
+        a: &Attention,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        batch: &mut [SeqInput<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (t, _) = h.dims2()?;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let groups = nh / nkv;
+        let mut q = a.q.forward(h)?.reshape((t, nh, hd))?;
+        let mut k = a.k.forward(h)?.reshape((t, nkv, hd))?;
+        let v = a.v.forward(h)?.reshape((t, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for seq in batch.iter_mut() {
+            let n = seq.tokens.len();
+            let start_pos = seq.cache.len();
+            // [n, kv, hd] -> [kv, n, hd]
+            let k_new = k.narrow(0, offset, n)?.transpose(0, 1)?;
+            let v_new = v.narrow(0, offset, n)?.transpose(0, 1)?;
+            let (k_all, v_all) = seq.cache.append(layer_idx, &k_new, &v_new)?;
+            let kv_len = start_pos + n;
+            // Queries grouped by the KV head they share: [kv, groups * n, hd],
+            // so grouped-query attention needs no copies of K and V.
+            let q_s = q
+                .narrow(0, offset, n)?
+                .reshape((n, nkv, groups, hd))?
+                .permute((1, 2, 0, 3))?
+                .reshape((nkv, groups * n, hd))?;
+            let mut scores = (q_s.matmul(&k_all.t()?)? * c.attn_scale)?.to_dtype(DType::F32)?;
+            if let Some(cap) = c.attn_logit_softcap {
+                scores = soft_cap(&scores, cap)?;
+            }
+            if let Some(mask) = self.mask(start_pos, n, kv_len, a.kind)? {
+                scores = scores
+                    .reshape((nkv, groups, n, kv_len))?
+                    .broadcast_add(&mask)?
+                    .reshape((nkv, groups * n, kv_len))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            let o = probs
+                .matmul(&v_all.contiguous()?)?
+                .reshape((nkv, groups, n, hd))?
+                .permute((2, 0, 1, 3))?
+                .reshape((n, nh * hd))?;
+            outputs.push(o);
+            offset += n;
+        }
+        let o = if outputs.len() == 1 {
+            outputs.pop().ok_or_else(|| Error::InvalidRequest("empty batch".into()))?
+        } else {
+            Tensor::cat(&outputs, 0)?
+        };
+        a.o.forward(&o)
+    }
+
+    /// The additive mask for `n` queries starting at `start_pos` over
+    /// `kv_len` keys: causal, and limited to the window on sliding layers.
+    /// `None` when nothing is masked (a decode step inside the window).
+    fn mask(&self, start_pos: usize, n: usize, kv_len: usize, kind: LayerAttention) -> Result<Option<Tensor>> {
+        let window = match kind {
+            LayerAttention::Full => None,
+            LayerAttention::Sliding { window } => Some(window),
+        };
+        let needs_window = window.is_some_and(|w| kv_len > w);
+        if n == 1 && !needs_window {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; n * kv_len];
+        for i in 0..n {
+            let pos = start_pos + i;
+            for j in 0..kv_len {
+                let visible = j <= pos && window.is_none_or(|w| j + w > pos);
+                if !visible {
+                    m[i * kv_len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (n, kv_len), &self.device)?))
+    }
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("architecture", &self.config.architecture)
+            .field("layers", &self.layers.len())
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}

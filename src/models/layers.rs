@@ -1,0 +1,268 @@
+//! The building blocks every supported decoder shares: linear projections,
+//! RMSNorm (plain and Gemma's `1 + w` form), the gated MLP and rotary
+//! embeddings with per-token positions.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::{Activation, Rope, RopeScaling};
+use crate::weights::WeightStore;
+use crate::Result;
+
+/// `y = x Wᵀ + b` on `[tokens, in]` inputs.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    pub fn load(
+        store: &WeightStore,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let weight = store.load(&format!("{prefix}.weight"), &[out_dim, in_dim], dtype, device)?;
+        let bias = if bias {
+            Some(store.load(&format!("{prefix}.bias"), &[out_dim], dtype, device)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// RMSNorm over the last dimension, computed in f32 as `transformers` does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// Already `1 + w` for Gemma, so the forward pass is the same for both.
+    scale: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(
+        store: &WeightStore,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        plus_one: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let w = store.load(name, &[dim], DType::F32, device)?;
+        let scale = if plus_one { (w + 1.0)? } else { w };
+        Ok(RmsNorm {
+            scale,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let y = candle_nn::ops::rms_norm(&x32.contiguous()?, &self.scale, self.eps)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+/// `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    pub activation: Activation,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate.forward(x)?;
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Gelu => gate.gelu_erf()?,
+        };
+        let up = self.up.forward(x)?;
+        self.down.forward(&(gate * up)?)
+    }
+}
+
+/// Inverse frequencies for one RoPE configuration, computed in f32 with
+/// the same operations as `transformers`' `_compute_*_parameters`, so that
+/// angles agree to the last bit where possible.
+pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
+    let base = rope.theta as f32;
+    let mut inv: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
+        .collect();
+    match rope.scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            for f in &mut inv {
+                *f /= factor as f32;
+            }
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let (factor, low, high, old_ctx) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+                original_max_position_embeddings as f32,
+            );
+            let low_freq_wavelen = old_ctx / low;
+            let high_freq_wavelen = old_ctx / high;
+            for f in &mut inv {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_freq_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_freq_wavelen {
+                    // Between the two bands: interpolate smoothly.
+                    let smooth = (old_ctx / wavelen - low) / (high - low);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+    }
+    inv
+}
+
+/// Rotary embedding for one frequency set, applied at arbitrary positions.
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    inv_freq: Vec<f32>,
+}
+
+impl RotaryEmbedding {
+    pub fn new(rope: &Rope, head_dim: usize) -> Self {
+        RotaryEmbedding {
+            inv_freq: inverse_frequencies(rope, head_dim),
+        }
+    }
+
+    /// `cos` and `sin` tables `[tokens, 1, head_dim / 2]` for the positions.
+    pub fn tables(&self, positions: &[usize], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), 1, half);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Rotates `x` (`[tokens, heads, head_dim]`) by per-token angles, with the
+/// half-split ("rotate_half") layout Hugging Face checkpoints use.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (t, h, d) = x.dims3()?;
+    // candle's kernel takes (batch, heads, seq, dim) with per-batch tables:
+    // each token is its own batch entry so each can have its own position.
+    let x4 = x.reshape((t, h, 1, d))?.contiguous()?;
+    let y = candle_nn::rotary_emb::rope(&x4, cos, sin)?;
+    Ok(y.reshape((t, h, d))?)
+}
+
+/// `tanh(x / cap) * cap`.
+pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    Ok(((x / cap)?.tanh()? * cap)?)
+}
+
+/// Embedding lookup that keeps the table for reuse as a tied `lm_head`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Tensor,
+}
+
+impl Embedding {
+    pub fn new(table: Tensor) -> Self {
+        Embedding { table }
+    }
+
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::Embedding::new(self.table.clone(), self.table.dim(D::Minus1)?).forward(ids)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_rotates_later() -> Result<()> {
+        let rope = RotaryEmbedding::new(
+            &Rope {
+                theta: 10_000.0,
+                scaling: RopeScaling::None,
+            },
+            4,
+        );
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[1f32, 2., 3., 4.]], [[1., 2., 3., 4.]]], &dev)?;
+        let (cos, sin) = rope.tables(&[0, 1], DType::F32, &dev)?;
+        let y = apply_rope(&x, &cos, &sin)?.to_vec3::<f32>()?;
+        assert_eq!(y[0][0], vec![1., 2., 3., 4.]);
+        // Position 1, pair (x0, x2) rotated by 1 radian.
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        assert!((y[1][0][0] - (1. * c - 3. * s)).abs() < 1e-6);
+        assert!((y[1][0][2] - (3. * c + 1. * s)).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_scaling_divides_low_frequencies_only() {
+        let plain = Rope {
+            theta: 500_000.0,
+            scaling: RopeScaling::None,
+        };
+        let scaled = Rope {
+            theta: 500_000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            },
+        };
+        let a = inverse_frequencies(&plain, 128);
+        let b = inverse_frequencies(&scaled, 128);
+        assert_eq!(a[0], b[0], "the highest frequency is untouched");
+        assert!((a[63] / b[63] - 8.0).abs() < 1e-4, "the lowest is divided by the factor");
+    }
+}

@@ -1,0 +1,27 @@
+//! The decoder models and loading them from resolved files.
+//!
+//! [`load`] is the one entry point: config, weights, dtype and device in, a
+//! [`Decoder`] out. The decoder itself is architecture-generic
+//! ([`decoder`]); its building blocks live in [`layers`].
+
+pub mod decoder;
+pub mod layers;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+pub use decoder::{Decoder, Logits, SeqInput};
+
+use crate::config::ModelConfig;
+use crate::weights::WeightStore;
+use crate::Result;
+
+/// Loads a model from its `config.json` and safetensors files.
+pub fn load(config_path: &Path, weights: &[PathBuf], dtype: DType, device: &Device) -> Result<Decoder> {
+    let config = ModelConfig::from_file(config_path)?;
+    let store = WeightStore::open(weights)?;
+    // The store (and its mappings) is dropped on return: the model owns
+    // copies of every tensor it uses.
+    Decoder::load(config, &store, dtype, device)
+}

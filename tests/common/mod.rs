@@ -1,0 +1,82 @@
+//! Helpers shared by the integration tests: fixture paths and reference data.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// The folder of a fixture model made by `scripts/make_fixtures.py`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+}
+
+/// Every fixture model.
+pub const MODELS: [&str; 8] = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+
+/// The safetensors weight files of a fixture (sharded or single).
+pub fn weight_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        taper::weights::shards_from_index(&index).expect("fixture index parses")
+    } else {
+        vec![dir.join("model.safetensors")]
+    }
+}
+
+/// Reference outputs from `transformers` for one fixture.
+pub struct Reference {
+    pub prompts: Vec<Vec<u32>>,
+    pub greedy: Vec<Vec<u32>>,
+    pub tensors: HashMap<String, Tensor>,
+    pub json: serde_json::Value,
+}
+
+impl Reference {
+    pub fn load(name: &str) -> Reference {
+        let dir = fixture(name);
+        let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("reference.json parses");
+        let ids = |key: &str| -> Vec<Vec<u32>> {
+            json[key]
+                .as_array()
+                .expect("list of lists")
+                .iter()
+                .map(|p| p.as_array().expect("list").iter().map(|t| t.as_u64().expect("id") as u32).collect())
+                .collect()
+        };
+        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+            .expect("reference.safetensors loads");
+        Reference {
+            prompts: ids("prompts"),
+            greedy: ids("greedy"),
+            tensors,
+            json,
+        }
+    }
+
+    pub fn prompt_logits(&self, i: usize) -> &Tensor {
+        &self.tensors[&format!("prompt_logits_{i}")]
+    }
+
+    pub fn decode_logits(&self, i: usize) -> &Tensor {
+        &self.tensors[&format!("decode_logits_{i}")]
+    }
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("diff computes")
+}
+
+/// Index of the largest value in a 1-D f32 tensor.
+pub fn argmax(row: &Tensor) -> u32 {
+    row.argmax(0).and_then(|t| t.to_scalar::<u32>()).expect("argmax")
+}
