@@ -181,7 +181,9 @@ impl ModelConfig {
 
         let hidden_size = fields.usize("hidden_size")?;
         let num_heads = fields.usize("num_attention_heads")?;
-        let num_kv_heads = fields.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let num_kv_heads = fields
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(fields.err(format!(
                 "num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})"
@@ -207,35 +209,42 @@ impl ModelConfig {
         let act_name = fields
             .opt_str("hidden_activation")
             .or_else(|| fields.opt_str("hidden_act"))
-            .unwrap_or(if arch.is_gemma() { "gelu_pytorch_tanh" } else { "silu" });
+            .unwrap_or(if arch.is_gemma() {
+                "gelu_pytorch_tanh"
+            } else {
+                "silu"
+            });
         let activation = match act_name {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "gelu" => Activation::Gelu,
-            other => {
-                return Err(fields.err(format!(
-                    "hidden_act '{other}' is not supported (expected silu, gelu or gelu_pytorch_tanh)"
-                )))
-            }
+            other => return Err(fields.err(format!(
+                "hidden_act '{other}' is not supported (expected silu, gelu or gelu_pytorch_tanh)"
+            ))),
         };
 
         let (rope, rope_local) = fields.rope(arch)?;
         let layer_attention = fields.layer_attention(arch, num_layers)?;
 
         let default_tie = arch.is_gemma();
-        let tie_word_embeddings = fields.opt_bool("tie_word_embeddings")?.unwrap_or(default_tie);
+        let tie_word_embeddings = fields
+            .opt_bool("tie_word_embeddings")?
+            .unwrap_or(default_tie);
         let attention_bias = fields.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Qwen3 | Architecture::Gemma2 | Architecture::Gemma3 => {
-                (attention_bias, attention_bias)
-            }
+            Architecture::Llama
+            | Architecture::Qwen3
+            | Architecture::Gemma2
+            | Architecture::Gemma3 => (attention_bias, attention_bias),
             _ => (false, false),
         };
         let mlp_bias = arch == Architecture::Llama && fields.opt_bool("mlp_bias")?.unwrap_or(false);
 
         let attn_scale = if arch.is_gemma() {
-            let s = fields.opt_f64("query_pre_attn_scalar")?.unwrap_or(head_dim as f64);
+            let s = fields
+                .opt_f64("query_pre_attn_scalar")?
+                .unwrap_or(head_dim as f64);
             if s <= 0.0 {
                 return Err(fields.err("query_pre_attn_scalar must be positive".into()));
             }
@@ -243,20 +252,18 @@ impl ModelConfig {
         } else {
             (head_dim as f64).powf(-0.5)
         };
-        let softcap = |name: &str| -> Result<Option<f64>> {
-            Ok(fields.opt_f64(name)?.filter(|c| *c > 0.0))
-        };
+        let softcap =
+            |name: &str| -> Result<Option<f64>> { Ok(fields.opt_f64(name)?.filter(|c| *c > 0.0)) };
         let (attn_logit_softcap, final_logit_softcap) = match arch {
-            Architecture::Gemma2 | Architecture::Gemma3 => {
-                (softcap("attn_logit_softcapping")?, softcap("final_logit_softcapping")?)
-            }
+            Architecture::Gemma2 | Architecture::Gemma3 => (
+                softcap("attn_logit_softcapping")?,
+                softcap("final_logit_softcapping")?,
+            ),
             _ => (None, None),
         };
 
         let eps_default = if arch.is_gemma() { 1e-6 } else { 1e-5 };
-        let rms_norm_eps = fields
-            .opt_f64("rms_norm_eps")?
-            .unwrap_or(eps_default);
+        let rms_norm_eps = fields.opt_f64("rms_norm_eps")?.unwrap_or(eps_default);
 
         Ok(ModelConfig {
             architecture,
@@ -286,7 +293,9 @@ impl ModelConfig {
             final_logit_softcap,
             fused_qkv: arch == Architecture::Phi3,
             fused_gate_up: arch == Architecture::Phi3,
-            bos_token_id: fields.opt_token_ids("bos_token_id")?.and_then(|v| v.first().copied()),
+            bos_token_id: fields
+                .opt_token_ids("bos_token_id")?
+                .and_then(|v| v.first().copied()),
             eos_token_ids: fields.opt_token_ids("eos_token_id")?.unwrap_or_default(),
             source: path.to_owned(),
         })
@@ -326,7 +335,9 @@ impl GenerationConfig {
         let f = Fields { obj, path };
         Ok(GenerationConfig {
             eos_token_ids: f.opt_token_ids("eos_token_id")?.unwrap_or_default(),
-            bos_token_id: f.opt_token_ids("bos_token_id")?.and_then(|v| v.first().copied()),
+            bos_token_id: f
+                .opt_token_ids("bos_token_id")?
+                .and_then(|v| v.first().copied()),
             do_sample: f.opt_bool("do_sample")?,
             temperature: f.opt_f64("temperature")?,
             top_p: f.opt_f64("top_p")?,
@@ -373,10 +384,11 @@ impl Fields<'_> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(format!("field '{key}' must be a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.err(format!(
+                    "field '{key}' must be a non-negative integer, found {v}"
+                ))
+            }),
         }
     }
 
@@ -406,12 +418,20 @@ impl Fields<'_> {
 
     /// A token id given as a number or a list of numbers.
     fn opt_token_ids(&self, key: &str) -> Result<Option<Vec<u32>>> {
-        let bad = || self.err(format!("field '{key}' must be a token id or a list of token ids"));
+        let bad = || {
+            self.err(format!(
+                "field '{key}' must be a token id or a list of token ids"
+            ))
+        };
         match self.get(key) {
             None => Ok(None),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad))
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(bad)
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
             Some(v) => v
@@ -449,7 +469,8 @@ impl Fields<'_> {
         let found = if names.is_empty() {
             format!(
                 "model_type {}",
-                self.opt_str("model_type").unwrap_or("(none and no 'architectures')")
+                self.opt_str("model_type")
+                    .unwrap_or("(none and no 'architectures')")
             )
         } else {
             names.join(", ")
@@ -484,7 +505,9 @@ impl Fields<'_> {
             classic_scaling,
         )?;
         let local_rope = if arch == Architecture::Gemma3 {
-            let local_theta = self.opt_f64("rope_local_base_freq")?.unwrap_or(default_theta);
+            let local_theta = self
+                .opt_f64("rope_local_base_freq")?
+                .unwrap_or(default_theta);
             // Gemma 3's sliding layers never use the long-context scaling.
             Some(self.parse_rope(local, local_theta, None)?)
         } else {
@@ -541,7 +564,11 @@ impl Fields<'_> {
 
     /// Which layers use a sliding window, following each architecture's
     /// `transformers` defaults when `layer_types` is absent.
-    fn layer_attention(&self, arch: Architecture, num_layers: usize) -> Result<Vec<LayerAttention>> {
+    fn layer_attention(
+        &self,
+        arch: Architecture,
+        num_layers: usize,
+    ) -> Result<Vec<LayerAttention>> {
         let window = self.opt_usize("sliding_window")?;
         let sliding = |w: Option<usize>| -> Result<LayerAttention> {
             match w {
@@ -575,7 +602,8 @@ impl Fields<'_> {
             },
             Architecture::Qwen2 | Architecture::Qwen3 => {
                 if self.opt_bool("use_sliding_window")?.unwrap_or(false) {
-                    let max_window_layers = self.opt_usize("max_window_layers")?.unwrap_or(num_layers);
+                    let max_window_layers =
+                        self.opt_usize("max_window_layers")?.unwrap_or(num_layers);
                     (0..num_layers)
                         .map(|i| {
                             if i >= max_window_layers {
@@ -590,10 +618,19 @@ impl Fields<'_> {
                 }
             }
             Architecture::Gemma2 => (0..num_layers)
-                .map(|i| if i % 2 == 0 { sliding(window) } else { Ok(LayerAttention::Full) })
+                .map(|i| {
+                    if i % 2 == 0 {
+                        sliding(window)
+                    } else {
+                        Ok(LayerAttention::Full)
+                    }
+                })
                 .collect(),
             Architecture::Gemma3 => {
-                let pattern = self.opt_usize("sliding_window_pattern")?.unwrap_or(6).max(1);
+                let pattern = self
+                    .opt_usize("sliding_window_pattern")?
+                    .unwrap_or(6)
+                    .max(1);
                 (0..num_layers)
                     .map(|i| {
                         if (i + 1) % pattern != 0 {
@@ -665,7 +702,12 @@ mod tests {
     fn rope_parameters_by_layer_type_are_read() -> Result<()> {
         let mut v = base("Gemma3ForCausalLM");
         v["sliding_window"] = json!(4);
-        v["layer_types"] = json!(["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]);
+        v["layer_types"] = json!([
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention"
+        ]);
         v["rope_parameters"] = json!({
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}

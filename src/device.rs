@@ -30,7 +30,9 @@ impl FromStr for DeviceSpec {
             "metal" => Ok(Self::Metal),
             _ => match s.strip_prefix("cuda:") {
                 Some(n) => n.parse().map(Self::Cuda).map_err(|_| {
-                    Error::Device(format!("--device '{s}': the CUDA ordinal must be a number, as in cuda:1"))
+                    Error::Device(format!(
+                        "--device '{s}': the CUDA ordinal must be a number, as in cuda:1"
+                    ))
                 }),
                 None => Err(Error::Device(format!(
                     "--device '{s}' is not one of cpu, cuda, cuda:N, metal"
@@ -60,7 +62,8 @@ impl DeviceSpec {
                         "this taper was built without Metal: rebuild with `cargo build --release --features metal`".into(),
                     ));
                 }
-                Device::new_metal(0).map_err(|e| Error::Device(format!("cannot open the Metal device: {e}")))
+                Device::new_metal(0)
+                    .map_err(|e| Error::Device(format!("cannot open the Metal device: {e}")))
             }
         }
     }
@@ -127,8 +130,14 @@ mod tests {
 
     #[test]
     fn auto_is_f32_on_cpu() -> Result<()> {
-        assert_eq!("auto".parse::<DTypeSpec>()?.resolve(&Device::Cpu), DType::F32);
-        assert_eq!("bf16".parse::<DTypeSpec>()?.resolve(&Device::Cpu), DType::BF16);
+        assert_eq!(
+            "auto".parse::<DTypeSpec>()?.resolve(&Device::Cpu),
+            DType::F32
+        );
+        assert_eq!(
+            "bf16".parse::<DTypeSpec>()?.resolve(&Device::Cpu),
+            DType::BF16
+        );
         assert!("int4".parse::<DTypeSpec>().is_err());
         Ok(())
     }

@@ -82,7 +82,9 @@ pub enum Error {
     MissingTensor { name: String, files: String },
 
     /// A tensor has a different shape from the one the config implies.
-    #[error("tensor '{name}' in {path} has shape {found:?}, expected {expected:?} from config.json")]
+    #[error(
+        "tensor '{name}' in {path} has shape {found:?}, expected {expected:?} from config.json"
+    )]
     TensorShape {
         name: String,
         path: PathBuf,
@@ -107,6 +109,34 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
 
+    /// The logits could not be sampled from: NaN or `+inf` (a numerical
+    /// failure upstream), every token masked, or an empty row.
+    #[error("cannot sample the next token: {0}")]
+    Sampling(String),
+
+    // ---- chat templates --------------------------------------------------------
+    /// A chat template does not compile.
+    #[error("chat template {origin}: syntax error{}: {message}", at_line(*.line))]
+    ChatTemplateSyntax {
+        origin: String,
+        line: Option<usize>,
+        message: String,
+    },
+
+    /// The chat template called `raise_exception`: it refuses this
+    /// conversation (e.g. roles that do not alternate), so the request is at fault.
+    #[error("the chat template rejected the conversation: {message}")]
+    ChatTemplateRaised { message: String },
+
+    /// Rendering a chat template failed (a runtime error in the template, or it
+    /// ran out of its work budget).
+    #[error("rendering chat template {origin}{}: {message}", at_line(*.line))]
+    ChatTemplateRender {
+        origin: String,
+        line: Option<usize>,
+        message: String,
+    },
+
     /// A failure inside candle while computing.
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -114,6 +144,11 @@ pub enum Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// " at line N" when the line is known, for template errors.
+fn at_line(line: Option<usize>) -> String {
+    line.map(|l| format!(" at line {l}")).unwrap_or_default()
+}
 
 impl Error {
     /// Wraps an I/O error with the path it concerns.

@@ -104,11 +104,16 @@ fn is_revision(revision: &str) -> bool {
         && !revision.contains("..")
         && !revision.starts_with('/')
         && !revision.ends_with('/')
-        && !revision.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !revision
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn is_commit_hash(revision: &str) -> bool {
-    revision.len() == 40 && revision.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    revision.len() == 40
+        && revision
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// How to reach the Hub and where its cache lives.
@@ -147,7 +152,10 @@ impl HubOptions {
     /// `HF_HUB_DISABLE_PROGRESS_BARS`; bars are drawn only when stderr is a
     /// terminal.
     pub fn from_env() -> Self {
-        Self::from_lookup(|name| std::env::var(name).ok(), std::io::stderr().is_terminal())
+        Self::from_lookup(
+            |name| std::env::var(name).ok(),
+            std::io::stderr().is_terminal(),
+        )
     }
 
     /// [`from_env`](Self::from_env) over any variable lookup, so tests need not
@@ -166,7 +174,9 @@ impl HubOptions {
 
         let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
             let cache = var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-                let home = var("HOME").or_else(|| var("USERPROFILE")).unwrap_or_default();
+                let home = var("HOME")
+                    .or_else(|| var("USERPROFILE"))
+                    .unwrap_or_default();
                 Path::new(&home).join(".cache")
             });
             cache.join("huggingface")
@@ -424,7 +434,10 @@ impl<'a> HubRepo<'a> {
             }
             // A snapshot from `snapshot_download` has no markers for files the
             // repo lacks, so an uncached optional file is taken as absent.
-            tracing::debug!("offline: {file} of {} is not cached; going without", self.repo);
+            tracing::debug!(
+                "offline: {file} of {} is not cached; going without",
+                self.repo
+            );
             return Ok(None);
         };
         // `download`, not `get`: the cache was just looked up, more widely.
@@ -438,7 +451,9 @@ impl<'a> HubRepo<'a> {
             // The Hub says which part of the URL was wrong in `X-Error-Code`.
             // It answers 401 for a missing repo when no token is sent, so as not
             // to reveal private repos: the code comes before the status.
-            Failure::Http { code: Some(code), .. } if code == "RepoNotFound" => {
+            Failure::Http {
+                code: Some(code), ..
+            } if code == "RepoNotFound" => {
                 let hint = if self.opts.token.is_none() {
                     " (or it is private and no HF_TOKEN is set)"
                 } else {
@@ -449,16 +464,22 @@ impl<'a> HubRepo<'a> {
                     url,
                 })
             }
-            Failure::Http { code: Some(code), .. } if code == "RevisionNotFound" => {
-                Err(Error::HubNotFound {
-                    what: format!("revision '{}' of {repo}", self.revision),
-                    url,
-                })
-            }
-            Failure::Http { status: status @ (401 | 403), .. } => {
-                Err(Error::HubUnauthorized { repo, status })
-            }
-            Failure::Http { status: 404, code, commit, .. } => {
+            Failure::Http {
+                code: Some(code), ..
+            } if code == "RevisionNotFound" => Err(Error::HubNotFound {
+                what: format!("revision '{}' of {repo}", self.revision),
+                url,
+            }),
+            Failure::Http {
+                status: status @ (401 | 403),
+                ..
+            } => Err(Error::HubUnauthorized { repo, status }),
+            Failure::Http {
+                status: 404,
+                code,
+                commit,
+                ..
+            } => {
                 if !required {
                     self.mark_absent(commit.as_deref(), file);
                     return Ok(None);
@@ -472,7 +493,9 @@ impl<'a> HubRepo<'a> {
                 };
                 Err(Error::HubNotFound { what, url })
             }
-            Failure::Http { status, message, .. } => Err(Error::Hub {
+            Failure::Http {
+                status, message, ..
+            } => Err(Error::Hub {
                 repo,
                 file: file.to_string(),
                 message: match message {
@@ -560,7 +583,10 @@ mod tests {
 
     #[test]
     fn parse_repo_ids() -> Result<()> {
-        assert_eq!(ModelSource::parse("org/name", None)?, hub("org/name", "main"));
+        assert_eq!(
+            ModelSource::parse("org/name", None)?,
+            hub("org/name", "main")
+        );
         assert_eq!(ModelSource::parse("gpt2", None)?, hub("gpt2", "main"));
         assert_eq!(
             ModelSource::parse("Qwen/Qwen2.5-0.5B-Instruct", Some("v1.0"))?,
@@ -635,7 +661,10 @@ mod tests {
 
     #[test]
     fn display_names_the_revision_only_when_not_main() -> Result<()> {
-        assert_eq!(ModelSource::parse("org/name", None)?.to_string(), "org/name");
+        assert_eq!(
+            ModelSource::parse("org/name", None)?.to_string(),
+            "org/name"
+        );
         assert_eq!(
             ModelSource::parse("org/name", Some("v2"))?.to_string(),
             "org/name@v2"
@@ -655,7 +684,10 @@ mod tests {
     fn from_env_defaults() {
         let opts = options(&[("HOME", "/home/u")], true);
         assert_eq!(opts.endpoint, "https://huggingface.co");
-        assert_eq!(opts.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
+        assert_eq!(
+            opts.cache_dir,
+            PathBuf::from("/home/u/.cache/huggingface/hub")
+        );
         assert!(!opts.offline);
         assert!(opts.progress);
         // No token file under /home/u in the test environment.
@@ -727,12 +759,17 @@ mod tests {
         let index = dir.path().join(WEIGHTS_INDEX);
         let write = |text: &str| std::fs::write(&index, text).map_err(|e| Error::io(&index, e));
 
-        write(r#"{"metadata": {}, "weight_map": {"b": "2.safetensors", "a": "1.safetensors", "c": "2.safetensors"}}"#)?;
+        write(
+            r#"{"metadata": {}, "weight_map": {"b": "2.safetensors", "a": "1.safetensors", "c": "2.safetensors"}}"#,
+        )?;
         assert_eq!(shard_names(&index)?, ["1.safetensors", "2.safetensors"]);
 
         write(r#"{"weight_map": {"a": "../../etc/passwd"}}"#)?;
         let err = shard_names(&index).err();
-        assert!(matches!(&err, Some(Error::Json { path, .. }) if path == &index), "{err:?}");
+        assert!(
+            matches!(&err, Some(Error::Json { path, .. }) if path == &index),
+            "{err:?}"
+        );
 
         write(r#"{"weight_map": {}}"#)?;
         assert!(matches!(shard_names(&index), Err(Error::Json { .. })));

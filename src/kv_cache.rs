@@ -24,6 +24,9 @@ pub struct SeqKvCache {
     layers: Vec<Option<LayerCache>>,
     /// Positions stored (the same in every layer once a forward pass is done).
     len: usize,
+    /// The token at each stored position, so a caller can reuse the longest
+    /// common prefix with a new prompt instead of recomputing it.
+    tokens: Vec<u32>,
 }
 
 /// Capacity is rounded up to this many positions, so growth is rare.
@@ -35,6 +38,7 @@ impl SeqKvCache {
         SeqKvCache {
             layers: vec![None; num_layers],
             len: 0,
+            tokens: Vec::new(),
         }
     }
 
@@ -48,26 +52,38 @@ impl SeqKvCache {
         self.len == 0
     }
 
+    /// The tokens whose keys and values are stored, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
     /// Drops everything, keeping the allocation for reuse.
     pub fn reset(&mut self) {
-        self.len = 0;
+        self.truncate(0);
     }
 
     /// Forgets every position from `len` on (e.g. to re-run a suffix).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        self.tokens.truncate(self.len);
     }
 
-    /// Marks `n` more positions as filled; called by the decoder once every
-    /// layer has appended them.
-    pub(crate) fn advance(&mut self, n: usize) {
-        self.len += n;
+    /// Records `tokens` as filled; called by the decoder once every layer
+    /// has appended them.
+    pub(crate) fn advance(&mut self, tokens: &[u32]) {
+        self.len += tokens.len();
+        self.tokens.extend_from_slice(tokens);
     }
 
     /// Writes `k` and `v` (`[kv_heads, n, head_dim]`) for `layer` at the
     /// current end and returns views of all cached keys and values
     /// (`[kv_heads, len + n, head_dim]`).
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (kv_heads, n, head_dim) = k.dims3()?;
         let needed = self.len + n;
         let slot = &mut self.layers[layer];
@@ -108,17 +124,24 @@ mod tests {
         let a = Tensor::arange(0f32, 6., &dev)?.reshape((1, 3, 2))?;
         let (k, _) = c.append(0, &a, &a)?;
         assert_eq!(k.dims(), &[1, 3, 2]);
-        c.advance(3);
+        c.advance(&[1, 2, 3]);
         // Past the first chunk: forces a reallocation that must keep history.
         let big = Tensor::ones((1, 300, 2), DType::F32, &dev)?;
         let (k, v) = c.append(0, &big, &big)?;
-        c.advance(300);
+        c.advance(&[7; 300]);
         assert_eq!(k.dims(), &[1, 303, 2]);
-        assert_eq!(k.narrow(1, 0, 3)?.flatten_all()?.to_vec1::<f32>()?, vec![0., 1., 2., 3., 4., 5.]);
-        assert_eq!(v.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?, vec![1., 1.]);
+        assert_eq!(
+            k.narrow(1, 0, 3)?.flatten_all()?.to_vec1::<f32>()?,
+            vec![0., 1., 2., 3., 4., 5.]
+        );
+        assert_eq!(
+            v.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?,
+            vec![1., 1.]
+        );
         assert_eq!(c.len(), 303);
         c.truncate(2);
         assert_eq!(c.len(), 2);
+        assert_eq!(c.tokens(), &[1, 2]);
         Ok(())
     }
 }

@@ -6,12 +6,17 @@
 //! pass takes a batch of sequences with their own positions and KV caches
 //! ([`kv_cache`]), owned outside the model so a scheduler can batch them.
 
+pub mod chat_template;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod hub;
 pub mod kv_cache;
 pub mod models;
+pub mod pipeline;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -103,7 +103,13 @@ impl WeightStore {
     }
 
     /// Loads `name`, checking it has `shape`, converting it to `dtype` on `device`.
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_owned(),
             files: self.file_list(),
@@ -213,7 +219,8 @@ mod tests {
                 let bytes: &[u8] = bytemuck_f32(data);
                 (
                     n.to_string(),
-                    safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), bytes).unwrap(),
+                    safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), bytes)
+                        .unwrap(),
                 )
             })
             .collect();
@@ -230,24 +237,47 @@ mod tests {
     #[test]
     fn loads_and_checks_shapes() -> Result<()> {
         let dir = tempfile::tempdir().unwrap();
-        let p = write_file(dir.path(), "a.safetensors", &[("w", vec![1., 2., 3., 4., 5., 6.], vec![2, 3])]);
+        let p = write_file(
+            dir.path(),
+            "a.safetensors",
+            &[("w", vec![1., 2., 3., 4., 5., 6.], vec![2, 3])],
+        );
         let store = WeightStore::open(&[p])?;
         let t = store.load("w", &[2, 3], DType::F32, &Device::Cpu)?;
-        assert_eq!(t.to_vec2::<f32>()?, vec![vec![1., 2., 3.], vec![4., 5., 6.]]);
-        let err = store.load("w", &[3, 2], DType::F32, &Device::Cpu).unwrap_err().to_string();
+        assert_eq!(
+            t.to_vec2::<f32>()?,
+            vec![vec![1., 2., 3.], vec![4., 5., 6.]]
+        );
+        let err = store
+            .load("w", &[3, 2], DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("'w'") && err.contains("[2, 3]"), "{err}");
-        let err = store.load("nope", &[1], DType::F32, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("'nope'") && err.contains("a.safetensors"), "{err}");
+        let err = store
+            .load("nope", &[1], DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'nope'") && err.contains("a.safetensors"),
+            "{err}"
+        );
         Ok(())
     }
 
     #[test]
     fn truncated_file_is_reported_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write_file(dir.path(), "b.safetensors", &[("w", vec![0.5; 64], vec![8, 8])]);
+        let p = write_file(
+            dir.path(),
+            "b.safetensors",
+            &[("w", vec![0.5; 64], vec![8, 8])],
+        );
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
-        let err = WeightStore::open(&[p]).err().expect("truncated file must fail").to_string();
+        let err = WeightStore::open(&[p])
+            .err()
+            .expect("truncated file must fail")
+            .to_string();
         assert!(err.contains("b.safetensors"), "{err}");
     }
 
@@ -256,7 +286,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.safetensors");
         std::fs::write(&p, b"<html>not found</html>").unwrap();
-        let err = WeightStore::open(&[p]).err().expect("garbage must fail").to_string();
-        assert!(err.contains("c.safetensors") && err.contains("not a valid safetensors"), "{err}");
+        let err = WeightStore::open(&[p])
+            .err()
+            .expect("garbage must fail")
+            .to_string();
+        assert!(
+            err.contains("c.safetensors") && err.contains("not a valid safetensors"),
+            "{err}"
+        );
     }
 }

@@ -12,12 +12,21 @@ const TOL: f32 = 1e-4;
 
 fn load(name: &str) -> Decoder {
     let dir = fixture(name);
-    taper::models::load(&dir.join("config.json"), &weight_files(&dir), DType::F32, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    taper::models::load(
+        &dir.join("config.json"),
+        &weight_files(&dir),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 fn forward_one(model: &Decoder, tokens: &[u32], cache: &mut SeqKvCache, logits: Logits) -> Tensor {
-    let mut batch = [SeqInput { tokens, cache, logits }];
+    let mut batch = [SeqInput {
+        tokens,
+        cache,
+        logits,
+    }];
     model.forward(&mut batch).expect("forward").remove(0)
 }
 
@@ -35,10 +44,15 @@ fn check_alone(name: &str, model: &Decoder, r: &Reference, i: usize) {
     for step in 0..steps {
         let want = r.decode_logits(i).get(step).expect("row");
         let d = max_abs_diff(&last, &want);
-        assert!(d < TOL, "{name} prompt {i} step {step}: logits differ by {d}");
+        assert!(
+            d < TOL,
+            "{name} prompt {i} step {step}: logits differ by {d}"
+        );
         let next = argmax(&last);
         tokens.push(next);
-        last = forward_one(model, &[next], &mut cache, Logits::Last).get(0).expect("row");
+        last = forward_one(model, &[next], &mut cache, Logits::Last)
+            .get(0)
+            .expect("row");
     }
     assert_eq!(tokens, r.greedy[i], "{name} prompt {i}: greedy tokens");
 }
@@ -79,7 +93,11 @@ fn every_architecture_matches_transformers_in_a_batch() {
             let mut order = Vec::new();
             for (i, cache) in caches.iter_mut().enumerate() {
                 if active.contains(&i) {
-                    inputs.push(SeqInput { tokens: &next[i], cache, logits: Logits::Last });
+                    inputs.push(SeqInput {
+                        tokens: &next[i],
+                        cache,
+                        logits: Logits::Last,
+                    });
                     order.push(i);
                 }
             }
@@ -90,14 +108,20 @@ fn every_architecture_matches_transformers_in_a_batch() {
                 let got = row.get(0).expect("row");
                 let want = r.decode_logits(i).get(step).expect("row");
                 let d = max_abs_diff(&got, &want);
-                assert!(d < TOL, "{name} seq {i} step {step} in a batch: logits differ by {d}");
+                assert!(
+                    d < TOL,
+                    "{name} seq {i} step {step} in a batch: logits differ by {d}"
+                );
                 let t = argmax(&got);
                 generated[i].push(t);
                 next[i] = vec![t];
             }
         }
         for i in 0..n {
-            assert_eq!(generated[i], r.greedy[i], "{name} seq {i} in a batch: greedy tokens");
+            assert_eq!(
+                generated[i], r.greedy[i],
+                "{name} seq {i} in a batch: greedy tokens"
+            );
         }
     }
 }

@@ -1,5 +1,7 @@
 //! All integration tests, in one binary (`autotests = false`): topic modules
 //! below, shared helpers in `common`.
 
+mod chat_template;
 mod common;
+mod hub;
 mod parity;

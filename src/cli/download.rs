@@ -21,12 +21,17 @@ pub fn run(args: DownloadArgs) -> anyhow::Result<()> {
         revision: args.revision,
         device: "cpu".into(),
         dtype: "auto".into(),
+        chat_template: None,
     };
     let files = model.resolve()?;
     println!("{}", files.config.display());
-    for f in [&files.generation_config, &files.tokenizer, &files.tokenizer_config]
-        .into_iter()
-        .flatten()
+    for f in [
+        &files.generation_config,
+        &files.tokenizer,
+        &files.tokenizer_config,
+    ]
+    .into_iter()
+    .flatten()
     {
         println!("{}", f.display());
     }

@@ -1,13 +1,15 @@
-//! Flags shared by every command that loads a model, and the loading itself.
+//! Flags shared by every command that loads a model, and the loading itself
+//! (with a spinner while it loads and a one-line summary after).
 
-use std::time::Instant;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 
 use taper::device::{DTypeSpec, DeviceSpec};
 use taper::hub::{self, HubOptions, ModelFiles, ModelSource};
-use taper::models::Decoder;
+use taper::pipeline::Pipeline;
 
 /// Where the model comes from and where it runs.
 #[derive(Debug, Clone, Args)]
@@ -27,12 +29,10 @@ pub struct ModelArgs {
     /// auto, f32, f16 or bf16 (auto: f32 on CPU, bf16 on GPUs).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-}
 
-/// A model loaded for running, with what the user should know about it.
-pub struct Loaded {
-    pub model: Decoder,
-    pub files: ModelFiles,
+    /// A Jinja chat template file to use instead of tokenizer_config.json's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -44,23 +44,38 @@ impl ModelArgs {
         Ok(files)
     }
 
-    /// Resolves and loads the model, reporting what was loaded on stderr.
-    #[allow(dead_code)]
-    pub fn load(&self) -> anyhow::Result<Loaded> {
+    /// Resolves and loads the model with its tokenizer and template,
+    /// reporting what was loaded on stderr.
+    pub fn load(&self) -> anyhow::Result<Pipeline> {
         let files = self.resolve()?;
         let device = self.device.parse::<DeviceSpec>()?.open()?;
         let dtype = self.dtype.parse::<DTypeSpec>()?.resolve(&device);
+        let spinner = indicatif::ProgressBar::new_spinner();
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            spinner.set_message(format!("loading {}", self.model));
+            spinner.enable_steady_tick(Duration::from_millis(100));
+        } else {
+            spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
         let start = Instant::now();
-        let model = taper::models::load(&files.config, &files.weights, dtype, &device)?;
-        let cfg = model.config();
+        let loaded = Pipeline::load(&files, dtype, &device, self.chat_template.as_deref());
+        spinner.finish_and_clear();
+        let pipeline = loaded.with_context(|| format!("loading model '{}'", self.model))?;
+        let cfg = pipeline.model.config();
+        let device_name = match self.device.parse::<DeviceSpec>()? {
+            DeviceSpec::Cpu => "cpu".to_string(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+            DeviceSpec::Metal => "metal".to_string(),
+        };
         eprintln!(
-            "loaded {} ({:.2}B parameters, {:?}, {}) in {:.2}s",
+            "loaded {} ({}, {:.1}M parameters, {:?}, {}) in {:.2}s",
+            self.model,
             cfg.architecture.class_name(),
-            model.num_parameters() as f64 / 1e9,
+            pipeline.model.num_parameters() as f64 / 1e6,
             dtype,
-            if device.is_cpu() { "cpu".to_string() } else { format!("{device:?}") },
+            device_name,
             start.elapsed().as_secs_f64()
         );
-        Ok(Loaded { model, files })
+        Ok(pipeline)
     }
 }

@@ -17,7 +17,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{LayerAttention, ModelConfig};
 use crate::kv_cache::SeqKvCache;
-use crate::models::layers::{apply_rope, soft_cap, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding};
+use crate::models::layers::{
+    apply_rope, soft_cap, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
+};
 use crate::weights::WeightStore;
 use crate::{Error, Result};
 
@@ -76,14 +78,26 @@ pub struct Decoder {
 
 impl Decoder {
     /// Builds the model from its weights, checking every tensor's shape.
-    pub fn load(config: ModelConfig, store: &WeightStore, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        config: ModelConfig,
+        store: &WeightStore,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let q_dim = c.num_heads * hd;
         let kv_dim = c.num_kv_heads * hd;
-        let norm = |name: &str, dim: usize| RmsNorm::load(store, name, dim, c.rms_norm_eps, c.norm_plus_one, device);
+        let norm = |name: &str, dim: usize| {
+            RmsNorm::load(store, name, dim, c.rms_norm_eps, c.norm_plus_one, device)
+        };
 
-        let embed = Embedding::new(store.load("model.embed_tokens.weight", &[c.vocab_size, h], dtype, device)?);
+        let embed = Embedding::new(store.load(
+            "model.embed_tokens.weight",
+            &[c.vocab_size, h],
+            dtype,
+            device,
+        )?);
 
         let mut ropes = vec![RotaryEmbedding::new(&c.rope, hd)];
         if let Some(local) = &c.rope_local {
@@ -94,7 +108,12 @@ impl Decoder {
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let (q, k, v) = if c.fused_qkv {
-                let w = store.load(&format!("{p}.self_attn.qkv_proj.weight"), &[q_dim + 2 * kv_dim, h], dtype, device)?;
+                let w = store.load(
+                    &format!("{p}.self_attn.qkv_proj.weight"),
+                    &[q_dim + 2 * kv_dim, h],
+                    dtype,
+                    device,
+                )?;
                 (
                     Linear::new(w.narrow(0, 0, q_dim)?.contiguous()?, None),
                     Linear::new(w.narrow(0, q_dim, kv_dim)?.contiguous()?, None),
@@ -102,12 +121,44 @@ impl Decoder {
                 )
             } else {
                 (
-                    Linear::load(store, &format!("{p}.self_attn.q_proj"), h, q_dim, c.qkv_bias, dtype, device)?,
-                    Linear::load(store, &format!("{p}.self_attn.k_proj"), h, kv_dim, c.qkv_bias, dtype, device)?,
-                    Linear::load(store, &format!("{p}.self_attn.v_proj"), h, kv_dim, c.qkv_bias, dtype, device)?,
+                    Linear::load(
+                        store,
+                        &format!("{p}.self_attn.q_proj"),
+                        h,
+                        q_dim,
+                        c.qkv_bias,
+                        dtype,
+                        device,
+                    )?,
+                    Linear::load(
+                        store,
+                        &format!("{p}.self_attn.k_proj"),
+                        h,
+                        kv_dim,
+                        c.qkv_bias,
+                        dtype,
+                        device,
+                    )?,
+                    Linear::load(
+                        store,
+                        &format!("{p}.self_attn.v_proj"),
+                        h,
+                        kv_dim,
+                        c.qkv_bias,
+                        dtype,
+                        device,
+                    )?,
                 )
             };
-            let o = Linear::load(store, &format!("{p}.self_attn.o_proj"), q_dim, h, c.o_bias, dtype, device)?;
+            let o = Linear::load(
+                store,
+                &format!("{p}.self_attn.o_proj"),
+                q_dim,
+                h,
+                c.o_bias,
+                dtype,
+                device,
+            )?;
             let (q_norm, k_norm) = if c.qk_norm {
                 (
                     Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?),
@@ -117,22 +168,53 @@ impl Decoder {
                 (None, None)
             };
             let kind = c.layer_attention[i];
-            let rope = usize::from(matches!(kind, LayerAttention::Sliding { .. }) && c.rope_local.is_some());
+            let rope = usize::from(
+                matches!(kind, LayerAttention::Sliding { .. }) && c.rope_local.is_some(),
+            );
 
             let inter = c.intermediate_size;
             let (gate, up) = if c.fused_gate_up {
-                let w = store.load(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h], dtype, device)?;
+                let w = store.load(
+                    &format!("{p}.mlp.gate_up_proj.weight"),
+                    &[2 * inter, h],
+                    dtype,
+                    device,
+                )?;
                 (
                     Linear::new(w.narrow(0, 0, inter)?.contiguous()?, None),
                     Linear::new(w.narrow(0, inter, inter)?.contiguous()?, None),
                 )
             } else {
                 (
-                    Linear::load(store, &format!("{p}.mlp.gate_proj"), h, inter, c.mlp_bias, dtype, device)?,
-                    Linear::load(store, &format!("{p}.mlp.up_proj"), h, inter, c.mlp_bias, dtype, device)?,
+                    Linear::load(
+                        store,
+                        &format!("{p}.mlp.gate_proj"),
+                        h,
+                        inter,
+                        c.mlp_bias,
+                        dtype,
+                        device,
+                    )?,
+                    Linear::load(
+                        store,
+                        &format!("{p}.mlp.up_proj"),
+                        h,
+                        inter,
+                        c.mlp_bias,
+                        dtype,
+                        device,
+                    )?,
                 )
             };
-            let down = Linear::load(store, &format!("{p}.mlp.down_proj"), inter, h, c.mlp_bias, dtype, device)?;
+            let down = Linear::load(
+                store,
+                &format!("{p}.mlp.down_proj"),
+                inter,
+                h,
+                c.mlp_bias,
+                dtype,
+                device,
+            )?;
             let mlp = Mlp {
                 gate,
                 up,
@@ -147,7 +229,11 @@ impl Decoder {
                     Some(norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?),
                 )
             } else {
-                (None, norm(&format!("{p}.post_attention_layernorm.weight"), h)?, None)
+                (
+                    None,
+                    norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                    None,
+                )
             };
 
             layers.push(Layer {
@@ -239,7 +325,9 @@ impl Decoder {
         let mut positions = Vec::new();
         for seq in batch.iter() {
             if seq.tokens.is_empty() {
-                return Err(Error::InvalidRequest("a sequence in the batch has no new tokens".into()));
+                return Err(Error::InvalidRequest(
+                    "a sequence in the batch has no new tokens".into(),
+                ));
             }
             let start = seq.cache.len();
             if start + seq.tokens.len() > c.max_position_embeddings {
@@ -290,7 +378,7 @@ impl Decoder {
             x = (residual + m)?;
         }
         for seq in batch.iter_mut() {
-            seq.cache.advance(seq.tokens.len());
+            seq.cache.advance(seq.tokens);
         }
 
         // Only the rows whose logits are wanted go through the (large) head.
@@ -390,7 +478,9 @@ impl Decoder {
             offset += n;
         }
         let o = if outputs.len() == 1 {
-            outputs.pop().ok_or_else(|| Error::InvalidRequest("empty batch".into()))?
+            outputs
+                .pop()
+                .ok_or_else(|| Error::InvalidRequest("empty batch".into()))?
         } else {
             Tensor::cat(&outputs, 0)?
         };
@@ -400,7 +490,13 @@ impl Decoder {
     /// The additive mask for `n` queries starting at `start_pos` over
     /// `kv_len` keys: causal, and limited to the window on sliding layers.
     /// `None` when nothing is masked (a decode step inside the window).
-    fn mask(&self, start_pos: usize, n: usize, kv_len: usize, kind: LayerAttention) -> Result<Option<Tensor>> {
+    fn mask(
+        &self,
+        start_pos: usize,
+        n: usize,
+        kv_len: usize,
+        kind: LayerAttention,
+    ) -> Result<Option<Tensor>> {
         let window = match kind {
             LayerAttention::Full => None,
             LayerAttention::Sliding { window } => Some(window),

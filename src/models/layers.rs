@@ -30,7 +30,12 @@ impl Linear {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let weight = store.load(&format!("{prefix}.weight"), &[out_dim, in_dim], dtype, device)?;
+        let weight = store.load(
+            &format!("{prefix}.weight"),
+            &[out_dim, in_dim],
+            dtype,
+            device,
+        )?;
         let bias = if bias {
             Some(store.load(&format!("{prefix}.bias"), &[out_dim], dtype, device)?)
         } else {
@@ -166,7 +171,12 @@ impl RotaryEmbedding {
     }
 
     /// `cos` and `sin` tables `[tokens, 1, head_dim / 2]` for the positions.
-    pub fn tables(&self, positions: &[usize], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn tables(
+        &self,
+        positions: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -216,7 +226,10 @@ impl Embedding {
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::Embedding::new(self.table.clone(), self.table.dim(D::Minus1)?).forward(ids)?)
+        Ok(
+            candle_nn::Embedding::new(self.table.clone(), self.table.dim(D::Minus1)?)
+                .forward(ids)?,
+        )
     }
 }
 
@@ -263,6 +276,9 @@ mod tests {
         let a = inverse_frequencies(&plain, 128);
         let b = inverse_frequencies(&scaled, 128);
         assert_eq!(a[0], b[0], "the highest frequency is untouched");
-        assert!((a[63] / b[63] - 8.0).abs() < 1e-4, "the lowest is divided by the factor");
+        assert!(
+            (a[63] / b[63] - 8.0).abs() < 1e-4,
+            "the lowest is divided by the factor"
+        );
     }
 }

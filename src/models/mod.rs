@@ -18,7 +18,12 @@ use crate::weights::WeightStore;
 use crate::Result;
 
 /// Loads a model from its `config.json` and safetensors files.
-pub fn load(config_path: &Path, weights: &[PathBuf], dtype: DType, device: &Device) -> Result<Decoder> {
+pub fn load(
+    config_path: &Path,
+    weights: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<Decoder> {
     let config = ModelConfig::from_file(config_path)?;
     let store = WeightStore::open(weights)?;
     // The store (and its mappings) is dropped on return: the model owns

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod hub_server;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -9,11 +11,15 @@ use candle_core::{Device, Tensor};
 
 /// The folder of a fixture model made by `scripts/make_fixtures.py`.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
 }
 
 /// Every fixture model.
-pub const MODELS: [&str; 8] = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+pub const MODELS: [&str; 8] = [
+    "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+];
 
 /// The safetensors weight files of a fixture (sharded or single).
 pub fn weight_files(dir: &std::path::Path) -> Vec<PathBuf> {
@@ -43,11 +49,18 @@ impl Reference {
                 .as_array()
                 .expect("list of lists")
                 .iter()
-                .map(|p| p.as_array().expect("list").iter().map(|t| t.as_u64().expect("id") as u32).collect())
+                .map(|p| {
+                    p.as_array()
+                        .expect("list")
+                        .iter()
+                        .map(|t| t.as_u64().expect("id") as u32)
+                        .collect()
+                })
                 .collect()
         };
-        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-            .expect("reference.safetensors loads");
+        let tensors =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .expect("reference.safetensors loads");
         Reference {
             prompts: ids("prompts"),
             greedy: ids("greedy"),
@@ -78,5 +91,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Index of the largest value in a 1-D f32 tensor.
 pub fn argmax(row: &Tensor) -> u32 {
-    row.argmax(0).and_then(|t| t.to_scalar::<u32>()).expect("argmax")
+    row.argmax(0)
+        .and_then(|t| t.to_scalar::<u32>())
+        .expect("argmax")
 }
