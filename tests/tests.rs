@@ -2,6 +2,7 @@
 //! below, shared helpers in `common`.
 
 mod chat_template;
+mod cli;
 mod common;
 mod hub;
 mod parity;
