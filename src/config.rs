@@ -218,9 +218,11 @@ impl ModelConfig {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "gelu" => Activation::Gelu,
-            other => return Err(fields.err(format!(
+            other => {
+                return Err(fields.err(format!(
                 "hidden_act '{other}' is not supported (expected silu, gelu or gelu_pytorch_tanh)"
-            ))),
+            )))
+            }
         };
 
         let (rope, rope_local) = fields.rope(arch)?;

@@ -137,6 +137,14 @@ pub enum Error {
         message: String,
     },
 
+    /// The prompt and the tokens asked for do not fit the context.
+    #[error("{0}")]
+    ContextLength(String),
+
+    /// Too many requests are running or queued.
+    #[error("{0}")]
+    Overloaded(String),
+
     /// A failure inside candle while computing.
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

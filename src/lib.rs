@@ -9,13 +9,15 @@
 pub mod chat_template;
 pub mod config;
 pub mod device;
+pub mod engine;
 pub mod error;
-pub mod generate;
 pub mod hub;
 pub mod kv_cache;
+pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod sampling;
+pub mod stopping;
 pub mod tokenizer;
 pub mod weights;
 

@@ -83,6 +83,20 @@ impl Pipeline {
         self.model.config().max_position_embeddings
     }
 
+    /// Checks that a prompt and its new tokens fit the context.
+    pub fn check_fits(&self, prompt_len: usize, max_new_tokens: usize) -> Result<()> {
+        let context = self.context_len();
+        if prompt_len == 0 {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if prompt_len + max_new_tokens > context {
+            return Err(Error::ContextLength(format!(
+                "the prompt ({prompt_len} tokens) plus max_tokens ({max_new_tokens}) exceeds the model's context of {context} tokens"
+            )));
+        }
+        Ok(())
+    }
+
     /// Renders a conversation with the chat template and tokenizes it.
     pub fn chat_prompt(
         &self,

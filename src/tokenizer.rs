@@ -144,8 +144,8 @@ impl Tokenizer {
 /// step decodes a short window of recent tokens and emits only what the
 /// window added, holding text back while it ends in an incomplete character
 /// (U+FFFD). The pieces concatenate to the decode of all tokens.
-pub struct StreamDecoder<'t> {
-    tokenizer: &'t Tokenizer,
+#[derive(Debug, Clone, Default)]
+pub struct StreamDecoder {
     ids: Vec<u32>,
     /// Start of the context window whose text was already emitted.
     prefix_offset: usize,
@@ -154,10 +154,9 @@ pub struct StreamDecoder<'t> {
     skip_special: bool,
 }
 
-impl<'t> StreamDecoder<'t> {
-    pub fn new(tokenizer: &'t Tokenizer, skip_special: bool) -> Self {
+impl StreamDecoder {
+    pub fn new(skip_special: bool) -> Self {
         StreamDecoder {
-            tokenizer,
             ids: Vec::new(),
             prefix_offset: 0,
             read_offset: 0,
@@ -166,23 +165,16 @@ impl<'t> StreamDecoder<'t> {
     }
 
     /// Adds a token and returns the text it completes (possibly empty).
-    pub fn push(&mut self, id: u32) -> Result<String> {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let (prefix, full) = self.window(tokenizer)?;
         if full.len() > prefix.len()
             && !full.ends_with('\u{FFFD}')
             && full.is_char_boundary(prefix.len())
         {
-            let piece = full[prefix.len()..].to_owned();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
-            Ok(piece)
+            Ok(full[prefix.len()..].to_owned())
         } else {
             Ok(String::new())
         }
@@ -190,20 +182,25 @@ impl<'t> StreamDecoder<'t> {
 
     /// Returns whatever text is still held back (an incomplete character at
     /// the end of generation is emitted as U+FFFD, as a full decode would).
-    pub fn finish(&mut self) -> Result<String> {
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let (prefix, full) = self.window(tokenizer)?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(full.get(prefix.len()..).unwrap_or_default().to_owned())
+    }
+
+    /// The text of the already-emitted context, and of the context plus the
+    /// tokens not yet emitted.
+    fn window(&self, tokenizer: &Tokenizer) -> Result<(String, String)> {
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        Ok((prefix, full))
     }
 
     /// Every token pushed so far.
@@ -234,17 +231,17 @@ mod tests {
             "emoji 🦀🚀 mixed with text 🎉 and ü é ß",
         ] {
             let ids = tok.encode_plain(text)?;
-            let mut stream = StreamDecoder::new(&tok, false);
+            let mut stream = StreamDecoder::new(false);
             let mut out = String::new();
             for &id in &ids {
-                let piece = stream.push(id)?;
+                let piece = stream.push(&tok, id)?;
                 assert!(
                     !piece.contains('\u{FFFD}'),
                     "broken UTF-8 streamed for {text:?}: {piece:?}"
                 );
                 out.push_str(&piece);
             }
-            out.push_str(&stream.finish()?);
+            out.push_str(&stream.finish(&tok)?);
             assert_eq!(out, tok.decode(&ids, false)?);
             assert_eq!(out, text);
         }

@@ -6,3 +6,4 @@ mod cli;
 mod common;
 mod hub;
 mod parity;
+mod streaming;

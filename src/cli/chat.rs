@@ -5,7 +5,7 @@
 //! message is computed. With stdin not a terminal, each input line is a
 //! message and the replies go to stdout, for scripts.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,10 +15,10 @@ use clap::Args;
 use rustyline::error::ReadlineError;
 
 use taper::chat_template::Message;
-use taper::generate::{generate, FinishReason};
+use taper::engine::{self, Request};
 use taper::kv_cache::SeqKvCache;
 use taper::pipeline::Pipeline;
-use taper::sampling::Sampler;
+use taper::stopping::FinishReason;
 
 use super::{ModelArgs, SamplingArgs};
 
@@ -48,16 +48,17 @@ a line ending in \\ continues on the next line; \"\"\" starts and ends a block.
 Ctrl-C stops the reply being written.";
 
 struct Chat<'p> {
-    pipeline: &'p Pipeline,
+    pipeline: &'p Arc<Pipeline>,
     sampling: SamplingArgs,
     system: Option<String>,
     messages: Vec<Message>,
-    cache: SeqKvCache,
+    /// The last reply's cache, so the next turn computes only what is new.
+    pool: Vec<SeqKvCache>,
     cancel: Arc<AtomicBool>,
 }
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
-    let pipeline = args.model.load()?;
+    let pipeline = Arc::new(args.model.load()?);
     if pipeline.template.is_none() {
         anyhow::bail!(
             "{} has no chat template in tokenizer_config.json: pass one with --chat-template FILE, or use `taper generate` for raw prompts",
@@ -69,7 +70,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let cancel = Arc::new(AtomicBool::new(false));
     super::cancel_on_ctrl_c(cancel.clone())?;
     let mut chat = Chat {
-        cache: pipeline.model.new_cache(),
+        pool: Vec::new(),
         pipeline: &pipeline,
         sampling: args.sampling,
         system: args.system,
@@ -227,41 +228,35 @@ impl Chat<'_> {
             self.messages.drain(first..first + removed);
             eprintln!("(the conversation outgrew the context: dropped the oldest turn)");
         };
-        let mut sampler = Sampler::new(self.sampling.params(p)?);
-        let stop = self.sampling.stop_conditions(p, prompt.len());
+        let request = Request {
+            sampling: self.sampling.params(p)?,
+            stop: self.sampling.stop_conditions(p, prompt.len()),
+            prompt,
+            logprobs: None,
+            prompt_logprobs: false,
+        };
+        p.check_fits(request.prompt.len(), request.stop.max_new_tokens)?;
         self.cancel.store(false, Ordering::SeqCst);
-        let mut stdout = std::io::stdout().lock();
-        let gen = generate(
-            &p.model,
-            &p.tokenizer,
-            &mut self.cache,
-            &prompt,
-            &mut sampler,
-            &stop,
-            &self.cancel,
-            &mut |piece| {
-                stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| stdout.flush())
-                    .map_err(|e| taper::Error::io("stdout", e))
-            },
-        );
+        let outcome = super::Outcome::default();
+        let sink = super::stdout_sink(self.cancel.clone(), outcome.clone());
+        let ran = engine::run_one(Arc::clone(p), request, sink, &mut self.pool);
         self.cancel.store(false, Ordering::SeqCst);
-        let gen = gen?;
-        writeln!(stdout)?;
-        drop(stdout);
+        ran?;
+        let gen = outcome.take()?;
+        println!();
         if gen.finish == FinishReason::Cancelled {
             eprintln!("(stopped)");
+        } else {
+            let u = gen.usage;
+            eprintln!(
+                "[{} prompt tokens ({} new) at {:.1} t/s, {} tokens at {:.1} t/s]",
+                u.prompt_tokens,
+                u.prompt_tokens - u.cached_tokens,
+                gen.prefill_tps(),
+                u.completion_tokens,
+                gen.decode_tps()
+            );
         }
-        let s = gen.stats;
-        eprintln!(
-            "[{} prompt tokens ({} new) at {:.1} t/s, {} tokens at {:.1} t/s]",
-            s.prompt_tokens,
-            s.prefilled_tokens,
-            s.prefill_tps(),
-            s.generated_tokens,
-            s.decode_tps()
-        );
         self.messages
             .push(Message::new("assistant", gen.text.trim()));
         Ok(())

@@ -2,15 +2,14 @@
 //! counts and speeds on stderr.
 
 use std::io::{Read, Write};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
 
 use taper::chat_template::Message;
-use taper::generate::generate;
-use taper::sampling::Sampler;
+use taper::engine::{self, Request};
 
 use super::{ModelArgs, SamplingArgs};
 
@@ -46,7 +45,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         args.prompt.clone()
     };
-    let pipeline = args.model.load()?;
+    let pipeline = Arc::new(args.model.load()?);
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -57,44 +56,32 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         pipeline.tokenizer.encode_prompt(&prompt_text)?
     };
-    let mut sampler = Sampler::new(args.sampling.params(&pipeline)?);
-    let stop = args.sampling.stop_conditions(&pipeline, prompt.len());
+    let request = Request {
+        sampling: args.sampling.params(&pipeline)?,
+        stop: args.sampling.stop_conditions(&pipeline, prompt.len()),
+        prompt,
+        logprobs: None,
+        prompt_logprobs: false,
+    };
+    pipeline.check_fits(request.prompt.len(), request.stop.max_new_tokens)?;
 
     let cancel = Arc::new(AtomicBool::new(false));
     super::cancel_on_ctrl_c(cancel.clone())?;
-    let mut cache = pipeline.model.new_cache();
+    let outcome = super::Outcome::default();
+    let sink = super::stdout_sink(cancel, outcome.clone());
+    let prompt_len = request.prompt.len();
+    engine::run_one(pipeline, request, sink, &mut Vec::new())?;
+    let done = outcome.take()?;
     let mut stdout = std::io::stdout().lock();
-    let result = generate(
-        &pipeline.model,
-        &pipeline.tokenizer,
-        &mut cache,
-        &prompt,
-        &mut sampler,
-        &stop,
-        &cancel,
-        &mut |piece| {
-            stdout
-                .write_all(piece.as_bytes())
-                .and_then(|_| stdout.flush())
-                .map_err(|e| taper::Error::io("stdout", e))
-        },
-    );
-    let gen = match result {
-        Ok(g) => g,
-        Err(taper::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => {
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
     writeln!(stdout)?;
-    let s = gen.stats;
     eprintln!(
         "prompt: {} tokens, {:.1} t/s | generated: {} tokens, {:.1} t/s | finish: {}",
-        s.prompt_tokens,
-        s.prefill_tps(),
-        s.generated_tokens,
-        s.decode_tps(),
-        gen.finish
+        prompt_len,
+        done.prefill_tps(),
+        done.usage.completion_tokens,
+        done.decode_tps(),
+        done.finish
     );
+    let _ = Ordering::Relaxed;
     Ok(())
 }

@@ -7,8 +7,12 @@ mod generate;
 mod model_args;
 mod sampling_args;
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use taper::engine::{Event, Sink, Timing, Usage};
+use taper::stopping::FinishReason;
 
 use clap::{Parser, Subcommand};
 
@@ -52,4 +56,106 @@ pub fn cancel_on_ctrl_c(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// What a request run from the terminal ended with.
+pub struct Finished {
+    pub text: String,
+    pub finish: FinishReason,
+    pub usage: Usage,
+    pub timing: Timing,
+}
+
+impl Finished {
+    /// Prompt tokens computed per second (cached ones excluded).
+    pub fn prefill_tps(&self) -> f64 {
+        let n = self.usage.prompt_tokens - self.usage.cached_tokens;
+        rate(n, self.timing.prefill_secs)
+    }
+
+    /// Tokens per second after the first.
+    pub fn decode_tps(&self) -> f64 {
+        rate(
+            self.usage.completion_tokens.saturating_sub(1),
+            self.timing.decode_secs,
+        )
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+#[derive(Default)]
+struct OutcomeInner {
+    text: String,
+    done: Option<(FinishReason, Usage, Timing)>,
+    error: Option<String>,
+}
+
+/// Collects a terminal request's text and ending from its sink.
+#[derive(Clone, Default)]
+pub struct Outcome(Arc<Mutex<OutcomeInner>>);
+
+impl Outcome {
+    /// The ending; a request cancelled before `Done` reads as cancelled.
+    pub fn take(&self) -> anyhow::Result<Finished> {
+        let mut inner = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("output state poisoned"))?;
+        if let Some(e) = inner.error.take() {
+            anyhow::bail!(e);
+        }
+        let text = std::mem::take(&mut inner.text);
+        Ok(match inner.done.take() {
+            Some((finish, usage, timing)) => Finished {
+                text,
+                finish,
+                usage,
+                timing,
+            },
+            None => Finished {
+                text,
+                finish: FinishReason::Cancelled,
+                usage: Usage::default(),
+                timing: Timing::default(),
+            },
+        })
+    }
+}
+
+/// A sink that streams text to stdout, stops when `cancel` is set (Ctrl-C)
+/// or stdout is closed, and records the ending in `outcome`.
+pub fn stdout_sink(cancel: Arc<AtomicBool>, outcome: Outcome) -> Box<dyn Sink> {
+    Box::new(move |event: Event| {
+        let Ok(mut inner) = outcome.0.lock() else {
+            return false;
+        };
+        match event {
+            Event::Token { text, .. } => {
+                inner.text.push_str(&text);
+                let mut out = std::io::stdout().lock();
+                if out
+                    .write_all(text.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            Event::Done {
+                finish,
+                usage,
+                timing,
+            } => inner.done = Some((finish, usage, timing)),
+            Event::Error(e) => inner.error = Some(e),
+            Event::PromptLogprobs(_) => {}
+        }
+        !cancel.load(Ordering::SeqCst)
+    })
 }

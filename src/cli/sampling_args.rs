@@ -3,9 +3,9 @@
 
 use clap::Args;
 
-use taper::generate::StopConditions;
 use taper::pipeline::Pipeline;
 use taper::sampling::SamplingParams;
+use taper::stopping::StopConditions;
 
 /// Flags that shape how tokens are picked and when generation stops.
 #[derive(Debug, Clone, Args)]

@@ -95,3 +95,22 @@ pub fn argmax(row: &Tensor) -> u32 {
         .and_then(|t| t.to_scalar::<u32>())
         .expect("argmax")
 }
+
+/// A real tokenizer unpacked by `scripts/fetch_tokenizers.sh` (into
+/// `target/test-tokenizers`, or the folder in `TAPER_TEST_TOKENIZERS`).
+/// Fails, saying how to fetch it, when it is missing.
+pub fn real_tokenizer_dir(name: &str) -> PathBuf {
+    let root = std::env::var_os("TAPER_TEST_TOKENIZERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-tokenizers")
+        });
+    let dir = root.join(name);
+    assert!(
+        dir.join("tokenizer.json").is_file(),
+        "{} is missing: run `scripts/fetch_tokenizers.sh target/test-tokenizers` \
+         (or point TAPER_TEST_TOKENIZERS at a folder filled by it)",
+        dir.join("tokenizer.json").display()
+    );
+    dir
+}

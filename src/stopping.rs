@@ -1,20 +1,9 @@
-//! The decode loop for one sequence: prompt in, streamed text out.
-//!
-//! Prefill reuses whatever prefix of the prompt is already in the
-//! sequence's cache (the earlier turns of a chat), then each step samples a
-//! token, streams the text it completes to a sink, and checks the stop
-//! conditions: EOS ids, stop strings (matched across token boundaries and
-//! never emitted), the token limit and cancellation.
+//! When a generation stops and what it reports: stop conditions (EOS ids,
+//! stop strings matched across token boundaries and never emitted, the token
+//! limit), finish reasons and timing statistics. The decode loop itself is
+//! the engine's ([`crate::engine`]).
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
-
-use crate::kv_cache::SeqKvCache;
-use crate::models::{Decoder, Logits, SeqInput};
-use crate::sampling::Sampler;
-use crate::tokenizer::{StreamDecoder, Tokenizer};
-use crate::{Error, Result};
 
 /// When generation ends.
 #[derive(Debug, Clone, Default)]
@@ -82,126 +71,6 @@ fn rate(n: usize, secs: f64) -> f64 {
     }
 }
 
-/// The outcome of one generation.
-#[derive(Debug, Clone)]
-pub struct Generation {
-    pub text: String,
-    pub tokens: Vec<u32>,
-    pub finish: FinishReason,
-    pub stats: GenerationStats,
-}
-
-/// Generates a continuation of `prompt`, calling `on_text` with each piece
-/// of text as it is produced. The cache keeps the prompt and the reply for
-/// the next call.
-#[allow(clippy::too_many_arguments)]
-pub fn generate(
-    model: &Decoder,
-    tokenizer: &Tokenizer,
-    cache: &mut SeqKvCache,
-    prompt: &[u32],
-    sampler: &mut Sampler,
-    stop: &StopConditions,
-    cancel: &AtomicBool,
-    on_text: &mut dyn FnMut(&str) -> Result<()>,
-) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(Error::InvalidRequest("the prompt is empty".into()));
-    }
-    let context = model.config().max_position_embeddings;
-    if prompt.len() + stop.max_new_tokens > context {
-        return Err(Error::InvalidRequest(format!(
-            "the prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {context} tokens",
-            prompt.len(),
-            stop.max_new_tokens
-        )));
-    }
-
-    // Reuse the cached prefix, but always recompute at least the last
-    // prompt token: its logits pick the first new token.
-    let common = cache
-        .tokens()
-        .iter()
-        .zip(prompt)
-        .take_while(|(a, b)| a == b)
-        .count()
-        .min(prompt.len() - 1);
-    cache.truncate(common);
-    sampler.observe_prompt(prompt);
-
-    let mut stats = GenerationStats {
-        prompt_tokens: prompt.len(),
-        prefilled_tokens: prompt.len() - common,
-        ..Default::default()
-    };
-    let mut stream = StreamDecoder::new(tokenizer, true);
-    let mut stops = StopStrings::new(&stop.stop_strings);
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-
-    let t0 = Instant::now();
-    let mut logits = forward_last(model, &prompt[common..], cache)?;
-    stats.prefill_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-
-    let finish = loop {
-        if cancel.load(Ordering::Relaxed) {
-            break FinishReason::Cancelled;
-        }
-        if tokens.len() >= stop.max_new_tokens {
-            break FinishReason::Length;
-        }
-        let next = sampler.sample(&logits)?;
-        tokens.push(next);
-        if !stop.ignore_eos && stop.eos_ids.contains(&next) {
-            break FinishReason::Stop;
-        }
-        let piece = stream.push(next)?;
-        if let Some(emit) = stops.feed(&piece) {
-            text.push_str(&emit.text);
-            if !emit.text.is_empty() {
-                on_text(&emit.text)?;
-            }
-            if emit.stopped {
-                break FinishReason::Stop;
-            }
-        }
-        // The last token needs no forward pass: nothing will read its logits.
-        if tokens.len() < stop.max_new_tokens {
-            logits = forward_last(model, &[next], cache)?;
-        }
-    };
-    if finish != FinishReason::Stop {
-        let rest = stops.flush(&stream.finish()?);
-        if !rest.is_empty() {
-            on_text(&rest)?;
-            text.push_str(&rest);
-        }
-    }
-    stats.generated_tokens = tokens.len();
-    stats.decode_secs = t1.elapsed().as_secs_f64();
-    Ok(Generation {
-        text,
-        tokens,
-        finish,
-        stats,
-    })
-}
-
-fn forward_last(model: &Decoder, tokens: &[u32], cache: &mut SeqKvCache) -> Result<Vec<f32>> {
-    let mut batch = [SeqInput {
-        tokens,
-        cache,
-        logits: Logits::Last,
-    }];
-    let out = model.forward(&mut batch)?;
-    let row = out
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::InvalidRequest("the model returned no logits".into()))?;
-    Ok(row.flatten_all()?.to_vec1::<f32>()?)
-}
-
 /// What [`StopStrings::feed`] lets through.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Emit {
@@ -211,20 +80,16 @@ pub struct Emit {
 
 /// Finds stop strings in streamed text, holding back any tail that could
 /// still become one so that no part of a stop string is ever emitted.
-#[derive(Debug)]
-pub struct StopStrings<'s> {
-    stops: Vec<&'s str>,
+#[derive(Debug, Clone, Default)]
+pub struct StopStrings {
+    stops: Vec<String>,
     pending: String,
 }
 
-impl<'s> StopStrings<'s> {
-    pub fn new(stops: &'s [String]) -> Self {
+impl StopStrings {
+    pub fn new(stops: &[String]) -> Self {
         StopStrings {
-            stops: stops
-                .iter()
-                .map(String::as_str)
-                .filter(|s| !s.is_empty())
-                .collect(),
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             pending: String::new(),
         }
     }
@@ -240,7 +105,12 @@ impl<'s> StopStrings<'s> {
         }
         self.pending.push_str(piece);
         // The earliest stop string wins.
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s)).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let text = self.pending[..at].to_owned();
             self.pending.clear();
             return Some(Emit {

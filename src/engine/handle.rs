@@ -1,0 +1,107 @@
+//! An engine on its own thread behind a cloneable handle: the server's way
+//! in. Compute never runs on the async runtime; requests cross a channel to
+//! the engine thread and events come back on a per-request channel.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::{Engine, EngineLimits, Event, Request};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::{Error, Result};
+
+enum Command {
+    Submit(Request, Box<dyn super::Sink>),
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    /// Requests submitted and not yet finished, for the queue limit.
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
+}
+
+/// Decrements the in-flight count when a request's sink is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. At most `max_batch` sequences run together
+    /// and `max_queue` more wait; beyond that `submit` refuses.
+    pub fn spawn(
+        pipeline: Arc<Pipeline>,
+        limits: EngineLimits,
+        max_queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Command>();
+        let mut engine = Engine::new(pipeline.clone(), limits, metrics.clone());
+        std::thread::Builder::new()
+            .name("taper-engine".into())
+            .spawn(move || loop {
+                // Block when idle; otherwise take what arrived and step.
+                if engine.is_idle() {
+                    match rx.recv() {
+                        Ok(Command::Submit(r, s)) => {
+                            engine.submit(r, s);
+                        }
+                        Err(_) => return,
+                    }
+                }
+                while let Ok(Command::Submit(r, s)) = rx.try_recv() {
+                    engine.submit(r, s);
+                }
+                engine.step();
+            })
+            .map_err(|e| Error::Device(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle {
+            tx,
+            pipeline,
+            metrics,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight: limits.max_batch + max_queue,
+        })
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Queues a request. Dropping the receiver cancels it. Fails with
+    /// [`Error::Overloaded`] when the queue is full.
+    pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<Event>> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(self.in_flight.clone());
+        if now >= self.max_in_flight {
+            return Err(Error::Overloaded(format!(
+                "{now} requests are running or queued (limit {}); retry later",
+                self.max_in_flight
+            )));
+        }
+        let (etx, erx) = unbounded_channel();
+        let sink = move |event: Event| {
+            let _keep = &guard;
+            etx.send(event).is_ok()
+        };
+        self.tx
+            .send(Command::Submit(request, Box::new(sink)))
+            .map_err(|_| Error::Overloaded("the engine has stopped".into()))?;
+        Ok(erx)
+    }
+}
