@@ -1251,14 +1251,14 @@ mod tests {
             tools: Some(&tools),
             ..Default::default()
         };
-        // Expected strings are Python's json.dumps(x, ensure_ascii=False[, indent=2]);
-        // keys come in serde_json's (sorted) order.
+        // Expected strings are Python's json.dumps(x, ensure_ascii=False[, indent=2]):
+        // keys in insertion order, as Python dicts keep them.
         let expected = concat!(
-            r#"{"function": {"description": "Wetter in Zürich <b>&", "name": "get_weather", "parameters": {"empty": {}, "list": [], "n": 1.0, "none": null, "ok": true, "required": ["city"]}}, "type": "function"}"#,
+            r#"{"type": "function", "function": {"name": "get_weather", "description": "Wetter in Zürich <b>&", "parameters": {"required": ["city"], "empty": {}, "list": [], "n": 1.0, "ok": true, "none": null}}}"#,
             "\n",
-            "{\n  \"function\": {\n    \"description\": \"Wetter in Zürich <b>&\",\n    \"name\": \"get_weather\",\n",
-            "    \"parameters\": {\n      \"empty\": {},\n      \"list\": [],\n      \"n\": 1.0,\n      \"none\": null,\n",
-            "      \"ok\": true,\n      \"required\": [\n        \"city\"\n      ]\n    }\n  },\n  \"type\": \"function\"\n}",
+            "{\n  \"type\": \"function\",\n  \"function\": {\n    \"name\": \"get_weather\",\n",
+            "    \"description\": \"Wetter in Zürich <b>&\",\n    \"parameters\": {\n      \"required\": [\n        \"city\"\n      ],\n",
+            "      \"empty\": {},\n      \"list\": [],\n      \"n\": 1.0,\n      \"ok\": true,\n      \"none\": null\n    }\n  }\n}",
         );
         assert_eq!(t.render(&user("hi"), &opts)?, expected);
         Ok(())

@@ -29,6 +29,9 @@ const CONFIG: &str = "config.json";
 const GENERATION_CONFIG: &str = "generation_config.json";
 const TOKENIZER: &str = "tokenizer.json";
 const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+/// Newer repos keep the chat template in its own file; transformers prefers
+/// it to tokenizer_config.json's `chat_template`.
+const CHAT_TEMPLATE: &str = "chat_template.jinja";
 const WEIGHTS: &str = "model.safetensors";
 const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 
@@ -215,6 +218,8 @@ pub struct ModelFiles {
     pub generation_config: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
     pub tokenizer_config: Option<PathBuf>,
+    /// `chat_template.jinja`, when the repo has one.
+    pub chat_template: Option<PathBuf>,
     /// `model.safetensors`, or the shards named in
     /// `model.safetensors.index.json`, sorted, each once.
     pub weights: Vec<PathBuf>,
@@ -248,6 +253,7 @@ fn resolve_from(files: &mut dyn Files) -> Result<ModelFiles> {
     let generation_config = files.optional(GENERATION_CONFIG)?;
     let tokenizer = files.optional(TOKENIZER)?;
     let tokenizer_config = files.optional(TOKENIZER_CONFIG)?;
+    let chat_template = files.optional(CHAT_TEMPLATE)?;
     let weights = match files.optional(WEIGHTS_INDEX)? {
         Some(index) => shard_names(&index)?
             .iter()
@@ -260,6 +266,7 @@ fn resolve_from(files: &mut dyn Files) -> Result<ModelFiles> {
         generation_config,
         tokenizer,
         tokenizer_config,
+        chat_template,
         weights,
     })
 }

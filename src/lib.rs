@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod sampling;
+pub mod server;
 pub mod stopping;
 pub mod tokenizer;
 pub mod weights;

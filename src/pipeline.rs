@@ -52,9 +52,12 @@ impl Pipeline {
                 path,
                 files.tokenizer_config.as_deref(),
             )?),
-            None => match &files.tokenizer_config {
-                Some(cfg) => ChatTemplate::from_tokenizer_config(cfg)?,
-                None => None,
+            // tokenizer_config.json's reader also picks up a sibling
+            // chat_template.jinja, which takes precedence as in transformers.
+            None => match (&files.tokenizer_config, &files.chat_template) {
+                (Some(cfg), _) => ChatTemplate::from_tokenizer_config(cfg)?,
+                (None, Some(jinja)) => Some(ChatTemplate::from_file(jinja, None)?),
+                (None, None) => None,
             },
         };
         let generation = match &files.generation_config {

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
@@ -181,36 +181,11 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
     }
 }
 
-/// Reads `model.safetensors.index.json` and returns the shard paths it
-/// names, sorted and without repeats, resolved against its folder.
-pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let raw = crate::config::read_json(index)?;
-    let map = raw
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::Json {
-            path: index.to_owned(),
-            message: "no 'weight_map' object".into(),
-        })?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let mut names = map
-        .values()
-        .map(|v| {
-            v.as_str().map(str::to_owned).ok_or_else(|| Error::Json {
-                path: index.to_owned(),
-                message: format!("weight_map value {v} is not a file name"),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    names.sort();
-    names.dedup();
-    Ok(names.into_iter().map(|n| dir.join(n)).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::path::Path;
 
     fn write_file(dir: &Path, name: &str, tensors: &[(&str, Vec<f32>, Vec<usize>)]) -> PathBuf {
         let views: Vec<(String, safetensors::tensor::TensorView)> = tensors

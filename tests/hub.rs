@@ -223,8 +223,9 @@ fn cached_files_are_not_fetched_again() -> TestResult {
 
     let first = resolve(&hub("org/llama", "main"), &opts)?;
     // config, generation config, tokenizer, tokenizer config, index, 3 shards:
-    // each one metadata request and one download.
-    assert_eq!(hub_requests(&server).len(), 2 * 8);
+    // each one metadata request and one download; plus one 404 for the
+    // chat_template.jinja the fixture does not have.
+    assert_eq!(hub_requests(&server).len(), 2 * 8 + 1);
 
     server.clear_requests();
     let second = resolve(&hub("org/llama", "main"), &opts)?;
@@ -468,6 +469,7 @@ fn a_plain_mirror_without_error_codes_still_maps_statuses() -> TestResult {
     assert_eq!(
         asked,
         [
+            "/org/bare/resolve/main/chat_template.jinja",
             "/org/bare/resolve/main/generation_config.json",
             "/org/bare/resolve/main/model.safetensors.index.json",
             "/org/bare/resolve/main/tokenizer.json",

@@ -1,6 +1,7 @@
 //! All integration tests, in one binary (`autotests = false`): topic modules
 //! below, shared helpers in `common`.
 
+mod chat_pty;
 mod chat_template;
 mod cli;
 mod common;

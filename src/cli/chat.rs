@@ -201,11 +201,12 @@ impl Chat<'_> {
     /// Generates the assistant's reply to the conversation so far.
     fn reply(&mut self) -> anyhow::Result<()> {
         let p = self.pipeline;
+        // An explicit --max-tokens must fit whole (`check_fits` refuses it
+        // otherwise); the default shrinks to the room left, so it needs less.
         let reserve = self
             .sampling
             .max_tokens
-            .unwrap_or(512)
-            .min(p.context_len() / 2);
+            .unwrap_or(512.min(p.context_len() / 2));
         let prompt = loop {
             let prompt = p.chat_prompt(&self.messages, true)?;
             if prompt.len() + reserve <= p.context_len() {

@@ -6,6 +6,7 @@ mod download;
 mod generate;
 mod model_args;
 mod sampling_args;
+mod serve;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +36,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Fetch a model's files into the Hub cache without running it.
     Download(download::DownloadArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line and runs the chosen command.
@@ -44,6 +47,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Chat(args) => chat::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Download(args) => download::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -21,14 +21,14 @@ pub const MODELS: [&str; 8] = [
     "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
 ];
 
-/// The safetensors weight files of a fixture (sharded or single).
+/// The safetensors weight files of a fixture (sharded or single), found the
+/// way `--model DIR` finds them.
 pub fn weight_files(dir: &std::path::Path) -> Vec<PathBuf> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        taper::weights::shards_from_index(&index).expect("fixture index parses")
-    } else {
-        vec![dir.join("model.safetensors")]
-    }
+    let source = taper::hub::ModelSource::Local(dir.to_path_buf());
+    let opts = taper::hub::HubOptions::from_env();
+    taper::hub::resolve(&source, &opts)
+        .expect("fixture resolves")
+        .weights
 }
 
 /// Reference outputs from `transformers` for one fixture.

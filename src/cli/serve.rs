@@ -1,0 +1,148 @@
+//! `taper serve`: the OpenAI-compatible HTTP server. Binds at once and says
+//! where (`listening on http://HOST:PORT`, the real port when `--port 0`),
+//! loads the model on its own thread while `/health` answers 503, then
+//! serves until SIGINT/SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tokio::net::TcpListener;
+
+use taper::engine::{EngineHandle, EngineLimits};
+use taper::metrics::Metrics;
+use taper::pipeline::Pipeline;
+use taper::server::{self, AppState, Defaults, Ready, ServerConfig};
+
+use super::{ModelArgs, SamplingArgs};
+
+/// Flags of `taper serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+
+    /// Server-wide sampling defaults; requests override them.
+    #[command(flatten)]
+    sampling: SamplingArgs,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+
+    /// Port to listen on (0: any free port; the one chosen is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+
+    /// The model name clients use (default: the --model value).
+    #[arg(long)]
+    served_model_name: Option<String>,
+
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long, env = "TAPER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+
+    /// Allow browser requests from this origin (repeatable; `*` for any).
+    #[arg(long)]
+    cors_allow_origin: Vec<String>,
+
+    /// Sequences decoded together in one forward pass.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+
+    /// Requests that may wait for the batch; beyond that the server answers 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    for origin in &args.cors_allow_origin {
+        let ok = origin == "*"
+            || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                && axum::http::HeaderValue::from_str(origin).is_ok());
+        if !ok {
+            bail!(
+                "--cors-allow-origin '{origin}' must be `*` or an origin like https://example.com"
+            );
+        }
+    }
+    if args.api_key.as_deref().is_some_and(str::is_empty) {
+        bail!("--api-key (or TAPER_API_KEY) is empty");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    eprintln!("listening on http://{addr}");
+
+    let mut config = ServerConfig::new(
+        args.served_model_name
+            .clone()
+            .unwrap_or(args.model.model.clone()),
+    );
+    config.api_key = args.api_key.clone();
+    config.cors_allow_origins = args.cors_allow_origin.clone();
+    let metrics = Arc::new(Metrics::default());
+    let state = AppState::new(config, metrics.clone());
+
+    // Load on a plain thread: a runtime's blocking pool would hold the
+    // process open on shutdown until loading finished.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let model = args.model.clone();
+    std::thread::Builder::new()
+        .name("taper-load".into())
+        .spawn(move || {
+            let _ = tx.send(model.load());
+        })
+        .context("starting the loading thread")?;
+    let loader = {
+        let state = state.clone();
+        let limits = EngineLimits {
+            max_batch: args.max_batch,
+            ..EngineLimits::default()
+        };
+        async move {
+            let pipeline = rx.await.context("the loading thread died")??;
+            let defaults = defaults(&args.sampling, &pipeline)?;
+            let engine = EngineHandle::spawn(Arc::new(pipeline), limits, args.max_queue, metrics)?;
+            state.set_ready(Ready::new(engine, defaults));
+            eprintln!("ready: serving {}", state.config().served_model_name);
+            std::future::pending::<anyhow::Result<()>>().await
+        }
+    };
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    tokio::select! {
+        result = server::listen::serve(listener, server::router(state), grace) => {
+            result.context("serving")
+        }
+        result = loader => result,
+    }
+}
+
+/// generation_config.json's defaults under the command line's flags.
+fn defaults(flags: &SamplingArgs, pipeline: &Pipeline) -> anyhow::Result<Defaults> {
+    let mut d = Defaults::from_pipeline(pipeline);
+    d.sampling = flags.params(pipeline)?;
+    if flags.max_tokens.is_some() {
+        d.max_tokens = flags.max_tokens;
+    }
+    d.stop = flags.stop.clone();
+    d.ignore_eos = flags.ignore_eos;
+    Ok(d)
+}

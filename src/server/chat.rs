@@ -1,0 +1,167 @@
+//! `POST /v1/chat/completions`: messages through the chat template, then
+//! either one `chat.completion` or a stream of `chat.completion.chunk`s
+//! (a role delta per choice, content deltas, a final chunk with
+//! `finish_reason`, the usage chunk when asked).
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::engine::Event;
+
+use super::error::AppError;
+use super::generation;
+use super::logprobs::chat_entry;
+use super::request::ChatRequest;
+use super::response::{
+    finish_reason, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
+    ChatLogprobs, Delta, Meta, Usage,
+};
+use super::sse::{self, to_json, Chunker};
+use super::state::AppState;
+use super::validate;
+
+pub async fn handler(
+    State(state): State<AppState>,
+    req: ChatRequest,
+) -> Result<Response, AppError> {
+    let ready = state.ready()?;
+    let served = state.config().served_model_name.clone();
+    let meta = Meta::new("chatcmpl", &served);
+    let mut valid = {
+        let ready = ready.clone();
+        super::off_runtime(move || validate::chat(req, &ready, &served)).await?
+    };
+    let receivers = generation::submit_all(&ready.engine, std::mem::take(&mut valid.requests))?;
+    let choices = receivers.len();
+    if valid.stream {
+        let chunker = ChatChunker {
+            meta,
+            logprobs: valid.logprobs.is_some(),
+            include_usage: valid.include_usage,
+            prompt_tokens: valid.prompt_tokens(),
+            completion_tokens: 0,
+            choices,
+            finished: 0,
+        };
+        return Ok(sse::respond(generation::merge(receivers), chunker));
+    }
+    let outputs = generation::collect_all(receivers).await?;
+    let completion_tokens = outputs.iter().map(|o| o.usage.completion_tokens).sum();
+    let body = ChatCompletion {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        usage: Usage::new(valid.prompt_tokens(), completion_tokens),
+        choices: outputs
+            .into_iter()
+            .enumerate()
+            .map(|(index, o)| ChatChoice {
+                index,
+                logprobs: valid.logprobs.map(|_| ChatLogprobs {
+                    content: o.logprobs.iter().map(chat_entry).collect(),
+                }),
+                finish_reason: finish_reason(o.finish),
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: o.text,
+                },
+            })
+            .collect(),
+    };
+    Ok(Json(body).into_response())
+}
+
+/// Chat's stream chunks.
+struct ChatChunker {
+    meta: Meta,
+    logprobs: bool,
+    include_usage: bool,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    choices: usize,
+    finished: usize,
+}
+
+impl ChatChunker {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
+        to_json(&ChatChunk {
+            id: self.meta.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.meta.created,
+            model: self.meta.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn delta(
+        &self,
+        index: usize,
+        delta: Delta,
+        logprobs: Option<ChatLogprobs>,
+        finish: Option<&'static str>,
+    ) -> String {
+        self.chunk(
+            vec![ChatChunkChoice {
+                index,
+                delta,
+                logprobs,
+                finish_reason: finish,
+            }],
+            None,
+        )
+    }
+}
+
+impl Chunker for ChatChunker {
+    fn start(&mut self) -> Vec<String> {
+        (0..self.choices)
+            .map(|index| {
+                let delta = Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                };
+                self.delta(index, delta, None, None)
+            })
+            .collect()
+    }
+
+    fn event(&mut self, choice: usize, event: Event) -> Result<Vec<String>, AppError> {
+        Ok(match event {
+            Event::PromptLogprobs(_) => Vec::new(),
+            Event::Token { text, logprob, .. } => {
+                if text.is_empty() && logprob.is_none() {
+                    return Ok(Vec::new());
+                }
+                let logprobs = self.logprobs.then(|| ChatLogprobs {
+                    content: logprob.iter().map(chat_entry).collect(),
+                });
+                let delta = Delta {
+                    role: None,
+                    content: Some(text),
+                };
+                vec![self.delta(choice, delta, logprobs, None)]
+            }
+            Event::Done { finish, usage, .. } => {
+                self.finished += 1;
+                self.completion_tokens += usage.completion_tokens;
+                vec![self.delta(choice, Delta::default(), None, Some(finish_reason(finish)))]
+            }
+            Event::Error(message) => return Err(AppError::internal(message)),
+        })
+    }
+
+    fn finished(&self) -> bool {
+        self.finished == self.choices
+    }
+
+    fn end(&mut self) -> Vec<String> {
+        if !self.include_usage {
+            return Vec::new();
+        }
+        let usage = Usage::new(self.prompt_tokens, self.completion_tokens);
+        vec![self.chunk(Vec::new(), Some(usage))]
+    }
+}

@@ -1,0 +1,245 @@
+//! OpenAI's request bodies as they arrive, before validation.
+//!
+//! Each body is read once and parsed twice from the same bytes: once for the
+//! fields both endpoints share ([`SamplingFields`]) and once for the
+//! endpoint's own ([`ChatFields`], [`CompletionFields`]). Two flat structs
+//! instead of `#[serde(flatten)]` keep serde's field path in every error, so
+//! `{"temperature": "hot"}` is reported against `temperature`. Unknown fields
+//! are ignored, as OpenAI's clients send fields this server does not use.
+//!
+//! Numbers a client could send out of range are read wide (`i64`) so that
+//! validation, not serde, words the message.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::header;
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::error::AppError;
+use super::state::AppState;
+
+/// Fields shared by `/v1/chat/completions` and `/v1/completions`, with vLLM's
+/// sampling extensions.
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a JSON object")]
+pub struct SamplingFields {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    pub n: Option<i64>,
+    /// Token id (as a string) → bias in [-100, 100].
+    pub logit_bias: Option<HashMap<String, f32>>,
+    /// Accepted and ignored (OpenAI uses it for abuse monitoring).
+    #[allow(dead_code)]
+    pub user: Option<String>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    // vLLM extensions.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub ignore_eos: Option<bool>,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a string or a list of strings")]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// The fields only `/v1/chat/completions` has.
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a JSON object")]
+pub struct ChatFields {
+    pub messages: Vec<WireMessage>,
+    /// The newer name of `max_tokens`; wins when both are given.
+    pub max_completion_tokens: Option<i64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+}
+
+/// One chat message.
+#[derive(Debug, Deserialize)]
+pub struct WireMessage {
+    pub role: String,
+    /// Absent or null for an assistant turn that only called tools.
+    pub content: Option<Content>,
+}
+
+/// A message's content: text, or a list of parts of which taper reads the
+/// text ones.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a string or a list of content parts")]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// The fields only `/v1/completions` has.
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a JSON object")]
+pub struct CompletionFields {
+    pub prompt: Prompt,
+    pub echo: Option<bool>,
+    /// Report this many alternatives per token (0 = only the chosen one).
+    pub logprobs: Option<i64>,
+    pub suffix: Option<String>,
+    pub best_of: Option<i64>,
+}
+
+/// `prompt`: text or token ids, one or several.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids or a list of token-id lists"
+)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+    TokenLists(Vec<Vec<i64>>),
+}
+
+/// A `/v1/chat/completions` body.
+#[derive(Debug)]
+pub struct ChatRequest {
+    pub chat: ChatFields,
+    pub sampling: SamplingFields,
+}
+
+/// A `/v1/completions` body.
+#[derive(Debug)]
+pub struct CompletionRequest {
+    pub completion: CompletionFields,
+    pub sampling: SamplingFields,
+}
+
+impl FromRequest<AppState> for ChatRequest {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
+        let bytes = read_body(req, state).await?;
+        Ok(ChatRequest {
+            chat: parse(&bytes)?,
+            sampling: parse(&bytes)?,
+        })
+    }
+}
+
+impl FromRequest<AppState> for CompletionRequest {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
+        let bytes = read_body(req, state).await?;
+        Ok(CompletionRequest {
+            completion: parse(&bytes)?,
+            sampling: parse(&bytes)?,
+        })
+    }
+}
+
+/// Reads the body, refusing at once one whose declared length is over the
+/// limit (the router's `DefaultBodyLimit` catches bodies that lie).
+async fn read_body(req: Request, state: &AppState) -> Result<Bytes, AppError> {
+    let limit = state.config().body_limit;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(AppError::too_large(Some(limit)));
+    }
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        let e = AppError::from(rejection);
+        if e.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::too_large(Some(limit))
+        } else {
+            e
+        }
+    })
+}
+
+/// Parses JSON with axum's extractor logic (serde path in the message), the
+/// content type not required: some clients omit it.
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    Json::<T>::from_bytes(bytes)
+        .map(|Json(v)| v)
+        .map_err(AppError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_type_names_its_field() {
+        let e = parse::<SamplingFields>(br#"{"temperature": "hot"}"#).unwrap_err();
+        assert_eq!(e.detail.param.as_deref(), Some("temperature"), "{e:?}");
+        assert!(e.detail.message.contains("temperature"), "{e:?}");
+    }
+
+    #[test]
+    fn a_nested_wrong_type_names_its_path() {
+        let e = parse::<ChatFields>(br#"{"messages": [{"role": 3}]}"#).unwrap_err();
+        assert_eq!(e.detail.param.as_deref(), Some("messages[0].role"), "{e:?}");
+    }
+
+    #[test]
+    fn broken_json_is_a_bad_body() {
+        let e = parse::<ChatFields>(br#"{"messages": "#).unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(e.detail.message.contains("not valid JSON"), "{e:?}");
+    }
+
+    #[test]
+    fn prompts_of_every_shape_parse() {
+        for body in [
+            r#"{"prompt": "hi"}"#,
+            r#"{"prompt": ["a", "b"]}"#,
+            r#"{"prompt": [1, 2, 3]}"#,
+            r#"{"prompt": [[1, 2], [3]]}"#,
+        ] {
+            parse::<CompletionFields>(body.as_bytes()).expect(body);
+        }
+        let e = parse::<CompletionFields>(br#"{"prompt": 3}"#).unwrap_err();
+        assert_eq!(e.detail.param.as_deref(), Some("prompt"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        parse::<SamplingFields>(br#"{"frobnicate": true, "stop": "x"}"#).expect("parses");
+    }
+}

@@ -1,0 +1,503 @@
+//! Validation: a wire request ([`super::request`]) becomes a
+//! [`ValidRequest`] — prompts tokenized, every parameter checked and merged
+//! with the server's defaults, one engine [`Request`] per choice — before
+//! anything reaches the engine. Messages name the field and the limit:
+//! "`temperature` must be in [0, 2]. Given: 3".
+//!
+//! Tokenizing and rendering templates is CPU work, so handlers run this on a
+//! blocking thread.
+
+use crate::chat_template::Message;
+use crate::engine::Request;
+use crate::pipeline::Pipeline;
+use crate::sampling::SamplingParams;
+use crate::stopping::StopConditions;
+use crate::Error;
+
+use super::error::AppError;
+use super::request::{
+    ChatRequest, CompletionRequest, Content, Prompt, SamplingFields, WireMessage,
+};
+use super::state::Ready;
+
+/// Choices one request may ask for (`n` times the number of prompts).
+pub const MAX_CHOICES: usize = 128;
+/// Alternatives per token for `top_logprobs` / `logprobs`.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Stop strings per request.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// One prompt, ready for the engine.
+#[derive(Debug, Clone)]
+pub struct ValidPrompt {
+    pub ids: Vec<u32>,
+    /// The prompt as text, for `echo`.
+    pub text: String,
+    /// Each token's own text, for echoed logprobs (empty otherwise).
+    pub token_texts: Vec<String>,
+}
+
+/// A request the engine can run.
+#[derive(Debug)]
+pub struct ValidRequest {
+    pub prompts: Vec<ValidPrompt>,
+    /// One engine request per choice: all of the first prompt's `n`
+    /// choices, then the second prompt's, and so on.
+    pub requests: Vec<Request>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Completions: put the prompt before the generated text.
+    pub echo: bool,
+    /// Alternatives per token when logprobs were asked for.
+    pub logprobs: Option<usize>,
+}
+
+impl ValidRequest {
+    /// The prompt a choice continues.
+    pub fn prompt_of(&self, choice: usize) -> &ValidPrompt {
+        &self.prompts[choice / self.n.max(1)]
+    }
+
+    /// `usage.prompt_tokens`: each prompt counted once, whatever `n` is.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(|p| p.ids.len()).sum()
+    }
+}
+
+/// Checks a `/v1/chat/completions` request.
+pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidRequest, AppError> {
+    let ChatRequest { chat, mut sampling } = req;
+    if let Some(m) = chat.max_completion_tokens {
+        sampling.max_tokens = Some(m);
+    }
+    let common = Common::check(sampling, ready, served, false)?;
+    let logprobs = match (chat.logprobs, chat.top_logprobs) {
+        (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&k) => {
+            return Err(AppError::invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be in [0, {MAX_TOP_LOGPROBS}]. Given: {k}"),
+            ))
+        }
+        (Some(true), k) => Some(k.unwrap_or(0) as usize),
+        (_, Some(_)) => {
+            return Err(AppError::invalid(
+                "top_logprobs",
+                "`top_logprobs` requires `logprobs` to be true.",
+            ))
+        }
+        _ => None,
+    };
+    if chat.messages.is_empty() {
+        return Err(AppError::invalid(
+            "messages",
+            "`messages` must hold at least one message.",
+        ));
+    }
+    let messages = chat
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| to_message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pipeline = ready.pipeline();
+    let ids = pipeline
+        .chat_prompt(&messages, true)
+        .map_err(|e| AppError::from(e).or_param("messages"))?;
+    let prompt = ValidPrompt {
+        ids,
+        text: String::new(),
+        token_texts: Vec::new(),
+    };
+    common.build(vec![prompt], logprobs, false, "messages", ready)
+}
+
+/// Checks a `/v1/completions` request.
+pub fn completion(
+    req: CompletionRequest,
+    ready: &Ready,
+    served: &str,
+) -> Result<ValidRequest, AppError> {
+    let CompletionRequest {
+        completion,
+        sampling,
+    } = req;
+    let echo = completion.echo.unwrap_or(false);
+    let common = Common::check(sampling, ready, served, echo)?;
+    if completion.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(AppError::invalid("suffix", "`suffix` is not supported."));
+    }
+    if let Some(b) = completion.best_of {
+        if b != common.n as i64 {
+            return Err(AppError::invalid(
+                "best_of",
+                format!("`best_of` is not supported; leave it out or set it to `n`. Given: {b}"),
+            ));
+        }
+    }
+    let logprobs = match completion.logprobs {
+        None => None,
+        Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
+        Some(k) => {
+            return Err(AppError::invalid(
+                "logprobs",
+                format!("`logprobs` must be in [0, {MAX_TOP_LOGPROBS}]. Given: {k}"),
+            ))
+        }
+    };
+    let pipeline = ready.pipeline();
+    let want_texts = echo && logprobs.is_some();
+    let prompts = match completion.prompt {
+        Prompt::Text(s) => vec![text_prompt(pipeline, s, want_texts)?],
+        Prompt::Texts(v) => {
+            non_empty(v.len())?;
+            v.into_iter()
+                .map(|s| text_prompt(pipeline, s, want_texts))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        Prompt::Tokens(ids) => vec![id_prompt(pipeline, ids, echo, want_texts)?],
+        Prompt::TokenLists(lists) => {
+            non_empty(lists.len())?;
+            lists
+                .into_iter()
+                .map(|ids| id_prompt(pipeline, ids, echo, want_texts))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    if prompts.len() * common.n > MAX_CHOICES {
+        return Err(AppError::invalid(
+            "n",
+            format!(
+                "`n` times the number of prompts must be <= {MAX_CHOICES}. Given: {} x {}",
+                common.n,
+                prompts.len()
+            ),
+        ));
+    }
+    common.build(prompts, logprobs, echo, "prompt", ready)
+}
+
+/// The checked fields both endpoints share.
+struct Common {
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    max_tokens: Option<usize>,
+    ignore_eos: bool,
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Common {
+    /// `allow_zero_tokens`: `max_tokens: 0` is meaningful when the prompt is
+    /// echoed (scoring a text by its logprobs).
+    fn check(
+        f: SamplingFields,
+        ready: &Ready,
+        served: &str,
+        allow_zero_tokens: bool,
+    ) -> Result<Self, AppError> {
+        if let Some(model) = f.model.as_deref() {
+            if model != served {
+                return Err(AppError::model_not_found(model, served));
+            }
+        }
+        let n = f.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES as i64).contains(&n) {
+            return Err(AppError::invalid(
+                "n",
+                format!("`n` must be in [1, {MAX_CHOICES}]. Given: {n}"),
+            ));
+        }
+        let min_tokens = if allow_zero_tokens { 0 } else { 1 };
+        let max_tokens = match f.max_tokens {
+            Some(m) if m < min_tokens => {
+                return Err(AppError::invalid(
+                    "max_tokens",
+                    format!("`max_tokens` must be >= {min_tokens}. Given: {m}"),
+                ))
+            }
+            Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+            None => None,
+        };
+
+        let defaults = &ready.defaults;
+        let mut p = defaults.sampling.clone();
+        if let Some(t) = f.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(AppError::invalid(
+                    "temperature",
+                    format!("`temperature` must be in [0, 2]. Given: {t}"),
+                ));
+            }
+            p.temperature = t;
+        }
+        if let Some(v) = f.top_p {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(AppError::invalid(
+                    "top_p",
+                    format!("`top_p` must be in (0, 1]. Given: {v}"),
+                ));
+            }
+            p.top_p = v;
+        }
+        if let Some(k) = f.top_k {
+            p.top_k = match k {
+                -1 | 0 => None,
+                k if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+                k => {
+                    return Err(AppError::invalid(
+                        "top_k",
+                        format!("`top_k` must be -1 or 0 (off), or >= 1. Given: {k}"),
+                    ))
+                }
+            };
+        }
+        if let Some(v) = f.min_p {
+            p.min_p = v;
+        }
+        if let Some(v) = f.repetition_penalty {
+            p.repetition_penalty = v;
+        }
+        if let Some(v) = f.presence_penalty {
+            p.presence_penalty = v;
+        }
+        if let Some(v) = f.frequency_penalty {
+            p.frequency_penalty = v;
+        }
+        if let Some(seed) = f.seed {
+            // Negative seeds are valid in OpenAI's API; reinterpret the bits.
+            p.seed = Some(seed as u64);
+        }
+        if let Some(bias) = f.logit_bias {
+            let mut entries = bias
+                .into_iter()
+                .map(|(key, b)| match key.trim().parse::<u32>() {
+                    Ok(id) => Ok((id, b)),
+                    Err(_) => Err(AppError::invalid(
+                        "logit_bias",
+                        format!("`logit_bias` keys must be token ids. Given: {key:?}"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            entries.sort_by_key(|&(id, _)| id);
+            p.logit_bias = entries;
+        }
+        let pipeline = ready.pipeline();
+        p.validate(pipeline.model.config().vocab_size)?;
+
+        let stop = match f.stop {
+            Some(s) => s.into_vec(),
+            None => defaults.stop.clone(),
+        };
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(AppError::invalid(
+                "stop",
+                format!(
+                    "`stop` may hold at most {MAX_STOP_STRINGS} strings. Given: {}",
+                    stop.len()
+                ),
+            ));
+        }
+        let stream = f.stream.unwrap_or(false);
+        if f.stream_options.is_some() && !stream {
+            return Err(AppError::invalid(
+                "stream_options",
+                "`stream_options` is only allowed when `stream` is true.",
+            ));
+        }
+        let include_usage = f
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        Ok(Common {
+            sampling: p,
+            stop,
+            max_tokens,
+            ignore_eos: f.ignore_eos.unwrap_or(defaults.ignore_eos),
+            n: n as usize,
+            stream,
+            include_usage,
+        })
+    }
+
+    /// One engine request per choice. A seeded request gives choice `i` of
+    /// each prompt the seed `seed + i`, so choices differ and each one is
+    /// reproducible alone.
+    fn build(
+        self,
+        prompts: Vec<ValidPrompt>,
+        logprobs: Option<usize>,
+        echo: bool,
+        prompt_param: &str,
+        ready: &Ready,
+    ) -> Result<ValidRequest, AppError> {
+        let pipeline = ready.pipeline();
+        let mut requests = Vec::with_capacity(prompts.len() * self.n);
+        for prompt in &prompts {
+            let max_new_tokens = self
+                .max_new_tokens(pipeline, prompt.ids.len(), ready)
+                .map_err(|e| e.or_param(prompt_param))?;
+            for i in 0..self.n {
+                let mut sampling = self.sampling.clone();
+                sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+                requests.push(Request {
+                    prompt: prompt.ids.clone(),
+                    sampling,
+                    stop: StopConditions {
+                        eos_ids: pipeline.eos_ids.clone(),
+                        stop_strings: self.stop.clone(),
+                        max_new_tokens,
+                        ignore_eos: self.ignore_eos,
+                    },
+                    logprobs,
+                    prompt_logprobs: echo && logprobs.is_some(),
+                });
+            }
+        }
+        Ok(ValidRequest {
+            prompts,
+            requests,
+            n: self.n,
+            stream: self.stream,
+            include_usage: self.include_usage,
+            echo,
+            logprobs,
+        })
+    }
+
+    /// The request's `max_tokens` if the prompt and it fit the context (never
+    /// truncated); without one, the default clamped to what fits.
+    fn max_new_tokens(
+        &self,
+        pipeline: &Pipeline,
+        prompt_len: usize,
+        ready: &Ready,
+    ) -> Result<usize, AppError> {
+        let context = pipeline.context_len();
+        match self.max_tokens {
+            Some(m) => {
+                pipeline.check_fits(prompt_len, m)?;
+                Ok(m)
+            }
+            None => {
+                pipeline.check_fits(prompt_len, 0)?;
+                let room = context - prompt_len;
+                if room == 0 {
+                    return Err(Error::ContextLength(format!(
+                        "the prompt ({prompt_len} tokens) fills the model's context of {context} tokens, leaving no room for new tokens"
+                    ))
+                    .into());
+                }
+                Ok(ready.defaults.max_tokens.map_or(room, |d| d.min(room)))
+            }
+        }
+    }
+}
+
+fn to_message(i: usize, m: WireMessage) -> Result<Message, AppError> {
+    if m.role.trim().is_empty() {
+        return Err(AppError::invalid(
+            &format!("messages[{i}].role"),
+            format!("`messages[{i}].role` must not be empty."),
+        ));
+    }
+    let content = match m.content {
+        None => String::new(),
+        Some(Content::Text(s)) => s,
+        Some(Content::Parts(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(t)) => texts.push(t),
+                    (kind, _) => {
+                        let param = format!("messages[{i}].content[{j}]");
+                        return Err(AppError::invalid(
+                            &param,
+                            format!(
+                                "`{param}`: only text parts (type \"text\" with a `text` field) are supported. Given type: {kind:?}"
+                            ),
+                        ));
+                    }
+                }
+            }
+            texts.join("\n")
+        }
+    };
+    Ok(Message::new(m.role, content))
+}
+
+fn non_empty(len: usize) -> Result<(), AppError> {
+    if len == 0 {
+        Err(AppError::invalid(
+            "prompt",
+            "`prompt` must not be an empty list.",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn text_prompt(
+    pipeline: &Pipeline,
+    text: String,
+    want_texts: bool,
+) -> Result<ValidPrompt, AppError> {
+    let ids = pipeline
+        .tokenizer
+        .encode_prompt(&text)
+        .map_err(|e| AppError::from(e).or_param("prompt"))?;
+    let token_texts = token_texts(pipeline, &ids, want_texts)?;
+    Ok(ValidPrompt {
+        ids,
+        text,
+        token_texts,
+    })
+}
+
+fn id_prompt(
+    pipeline: &Pipeline,
+    ids: Vec<i64>,
+    echo: bool,
+    want_texts: bool,
+) -> Result<ValidPrompt, AppError> {
+    let vocab = pipeline.model.config().vocab_size;
+    let ids = ids
+        .into_iter()
+        .map(|id| match u32::try_from(id) {
+            Ok(v) if (v as usize) < vocab => Ok(v),
+            _ => Err(AppError::invalid(
+                "prompt",
+                format!("`prompt` token ids must be in [0, {vocab}). Given: {id}"),
+            )),
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    let text = if echo {
+        pipeline
+            .tokenizer
+            .decode(&ids, false)
+            .map_err(|e| AppError::from(e).or_param("prompt"))?
+    } else {
+        String::new()
+    };
+    let token_texts = token_texts(pipeline, &ids, want_texts)?;
+    Ok(ValidPrompt {
+        ids,
+        text,
+        token_texts,
+    })
+}
+
+fn token_texts(pipeline: &Pipeline, ids: &[u32], want: bool) -> Result<Vec<String>, AppError> {
+    if !want {
+        return Ok(Vec::new());
+    }
+    ids.iter()
+        .map(|&id| {
+            pipeline
+                .tokenizer
+                .decode(&[id], false)
+                .map_err(|e| AppError::from(e).or_param("prompt"))
+        })
+        .collect()
+}
