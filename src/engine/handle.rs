@@ -63,7 +63,14 @@ impl EngineHandle {
                 while let Ok(Command::Submit(r, s)) = rx.try_recv() {
                     engine.submit(r, s);
                 }
-                engine.step();
+                // A panic inside a forward pass (a bug, not bad input) fails
+                // the sequences in that batch; the engine keeps serving.
+                let stepped =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
+                if stepped.is_err() {
+                    engine
+                        .abort_running("internal error while generating; the request was dropped");
+                }
             })
             .map_err(|e| Error::Device(format!("cannot start the engine thread: {e}")))?;
         Ok(EngineHandle {

@@ -252,6 +252,15 @@ impl Engine {
         self.retire();
     }
 
+    /// Fails every running sequence with `message` and drops it: what is
+    /// left to do after an internal fault, so the engine can go on serving.
+    pub fn abort_running(&mut self, message: &str) {
+        for mut seq in self.running.drain(..) {
+            seq.sink.send(Event::Error(message.to_owned()));
+        }
+        self.update_gauges();
+    }
+
     /// Moves waiting requests into the batch, reusing pooled caches.
     fn admit(&mut self) {
         while self.running.len() < self.limits.max_batch {
@@ -501,4 +510,162 @@ pub fn run_one(
     engine.run_to_completion();
     *pool = std::mem::take(&mut engine.pool);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::hub::{resolve, HubOptions, ModelSource};
+
+    fn pipeline() -> Arc<Pipeline> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
+        let files =
+            resolve(&ModelSource::Local(dir), &HubOptions::from_env()).expect("fixture resolves");
+        Arc::new(Pipeline::load(&files, DType::F32, &Device::Cpu, None).expect("fixture loads"))
+    }
+
+    fn greedy(prompt: Vec<u32>, n: usize) -> Request {
+        Request {
+            prompt,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: StopConditions {
+                max_new_tokens: n,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            logprobs: None,
+            prompt_logprobs: false,
+        }
+    }
+
+    /// A sink collecting token ids and the final event.
+    fn collector() -> (Box<dyn Sink>, Arc<Mutex<(Vec<u32>, Option<Usage>)>>) {
+        let out = Arc::new(Mutex::new((Vec::new(), None)));
+        let o = out.clone();
+        let sink = move |e: Event| {
+            let mut g = o.lock().expect("lock");
+            match e {
+                Event::Token { id, .. } if id != u32::MAX => g.0.push(id),
+                Event::Done { usage, .. } => g.1 = Some(usage),
+                _ => {}
+            }
+            true
+        };
+        (Box::new(sink), out)
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        (0..5)
+            .map(|i| (0..(3 + 4 * i)).map(|t| (t * 7 + i * 13) % 380).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_gives_each_request_what_it_gets_alone() {
+        let p = pipeline();
+        let metrics = Arc::new(Metrics::default());
+        let alone: Vec<Vec<u32>> = prompts()
+            .into_iter()
+            .map(|prompt| {
+                let mut e = Engine::new(
+                    p.clone(),
+                    EngineLimits {
+                        max_batch: 1,
+                        prefix_pool: 0,
+                    },
+                    metrics.clone(),
+                );
+                let (sink, out) = collector();
+                e.submit(greedy(prompt, 12), sink);
+                e.run_to_completion();
+                let tokens = out.lock().expect("lock").0.clone();
+                tokens
+            })
+            .collect();
+        let mut e = Engine::new(
+            p.clone(),
+            EngineLimits {
+                max_batch: 8,
+                prefix_pool: 0,
+            },
+            metrics,
+        );
+        let outs: Vec<_> = prompts()
+            .into_iter()
+            .map(|prompt| {
+                let (sink, out) = collector();
+                e.submit(greedy(prompt, 12), sink);
+                out
+            })
+            .collect();
+        e.step();
+        assert_eq!(e.running(), 5, "all five run in one batch");
+        e.run_to_completion();
+        for (i, out) in outs.iter().enumerate() {
+            assert_eq!(out.lock().expect("lock").0, alone[i], "request {i}");
+        }
+    }
+
+    #[test]
+    fn a_shared_prefix_is_reused_and_changes_nothing() {
+        let p = pipeline();
+        let metrics = Arc::new(Metrics::default());
+        let mut e = Engine::new(p.clone(), EngineLimits::default(), metrics.clone());
+        let base: Vec<u32> = (0..40).map(|t| (t * 11) % 380).collect();
+        let (sink, _) = collector();
+        e.submit(greedy(base.clone(), 4), sink);
+        e.run_to_completion();
+        let mut longer = base.clone();
+        longer.extend([5, 6, 7]);
+        let (sink, out) = collector();
+        e.submit(greedy(longer.clone(), 8), sink);
+        e.run_to_completion();
+        let (with_cache, usage) = out.lock().expect("lock").clone();
+        assert_eq!(usage.expect("done").cached_tokens, 40);
+        assert_eq!(metrics.prefix_cache_hit_tokens.get(), 40);
+
+        let mut fresh = Engine::new(
+            p,
+            EngineLimits {
+                max_batch: 1,
+                prefix_pool: 0,
+            },
+            metrics,
+        );
+        let (sink, out) = collector();
+        fresh.submit(greedy(longer, 8), sink);
+        fresh.run_to_completion();
+        assert_eq!(out.lock().expect("lock").0, with_cache);
+    }
+
+    #[test]
+    fn a_sink_that_stops_listening_cancels_its_request() {
+        let p = pipeline();
+        let metrics = Arc::new(Metrics::default());
+        let mut e = Engine::new(p, EngineLimits::default(), metrics.clone());
+        let mut seen = 0;
+        let sink = move |e: Event| {
+            if matches!(e, Event::Token { .. }) {
+                seen += 1;
+            }
+            seen < 3
+        };
+        e.submit(greedy(vec![1, 2, 3], 100), Box::new(sink));
+        let mut steps = 0;
+        while !e.is_idle() {
+            e.step();
+            steps += 1;
+        }
+        assert_eq!(steps, 3, "cancelled after the third token");
+        assert_eq!(metrics.cancelled.get(), 1);
+        assert_eq!(metrics.running.get(), 0);
+    }
 }
