@@ -153,9 +153,9 @@ impl PtyChat {
         self.master.flush().expect("flush pty");
     }
 
-    /// Types a line and Enter, once the `>>> ` or `... ` prompt is up (keys
-    /// typed before rustyline is reading can be taken as the answer to its
-    /// cursor-position query).
+    /// Types `text` and Enter. Call it once a `>>> ` or `... ` prompt is up:
+    /// keys typed before rustyline reads can be eaten by its cursor-position
+    /// query, which it sends before drawing the prompt.
     fn line(&mut self, text: &str) {
         self.send(text);
         self.send("\r");
@@ -312,6 +312,8 @@ fn open_pty() -> (File, OwnedFd) {
     };
     // SAFETY: openpty writes two descriptors through the pointers and reads
     // the window size; a null name and null termios are allowed.
+    // (`&mut`: macOS declares the size `*mut`, Linux `*const`.)
+    #[allow(clippy::unnecessary_mut_passed)]
     let rc = unsafe {
         libc::openpty(
             &mut master,
@@ -590,4 +592,48 @@ fn an_explicit_max_tokens_drops_old_turns_to_fit() {
     assert!(!stderr.contains("error:"), "{stderr}");
     assert!(stderr.contains("dropped the oldest turn"), "{stderr}");
     assert!(stderr.contains("400 tokens at"), "{stderr}");
+}
+
+/// `taper chat < script | head -c 10`: once stdout is closed the replies have
+/// nowhere to go, and, as for `taper generate | head`, that is not a failure.
+/// Fails today: the sink treats the closed stdout as a cancelled reply and
+/// `reply()` then panics in `println!()` ("failed printing to stdout: Broken
+/// pipe"), exit status 101.
+#[test]
+fn a_closed_stdout_ends_the_chat_without_a_panic() {
+    let home = Home::new();
+    let mut child = home
+        .command(&["--max-tokens", "16", "--ignore-eos"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("taper starts");
+    // Close the reading end before anything is written.
+    drop(child.stdout.take());
+    let mut stdin = child.stdin.take().expect("stdin");
+    // If taper is already gone, the status below says why.
+    let _ = stdin.write_all(b"hi\nagain\n/exit\n");
+    drop(stdin);
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for taper") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("taper chat did not exit within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().expect("stderr reader");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.success(), "{status}: {stderr}");
 }

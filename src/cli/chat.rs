@@ -5,7 +5,7 @@
 //! message is computed. With stdin not a terminal, each input line is a
 //! message and the replies go to stdout, for scripts.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -157,11 +157,16 @@ impl Chat<'_> {
             None => {}
             Some(Input::Message(text)) => {
                 self.messages.push(Message::new("user", &text));
-                if let Err(e) = self.reply() {
-                    // The message stays out of the conversation so the user
-                    // can rephrase; the session goes on.
-                    self.messages.pop();
-                    eprintln!("error: {e:#}");
+                match self.reply() {
+                    // Nobody reads the replies any more (`| head`): leave.
+                    Ok(Replied::StdoutClosed) => return Ok(false),
+                    Ok(Replied::Yes) => {}
+                    Err(e) => {
+                        // The message stays out of the conversation so the
+                        // user can rephrase; the session goes on.
+                        self.messages.pop();
+                        eprintln!("error: {e:#}");
+                    }
                 }
             }
             Some(Input::Command(cmd, arg)) => match cmd.as_str() {
@@ -199,7 +204,7 @@ impl Chat<'_> {
     }
 
     /// Generates the assistant's reply to the conversation so far.
-    fn reply(&mut self) -> anyhow::Result<()> {
+    fn reply(&mut self) -> anyhow::Result<Replied> {
         let p = self.pipeline;
         // An explicit --max-tokens must fit whole (`check_fits` refuses it
         // otherwise); the default shrinks to the room left, so it needs less.
@@ -244,7 +249,14 @@ impl Chat<'_> {
         self.cancel.store(false, Ordering::SeqCst);
         ran?;
         let gen = outcome.take()?;
-        println!();
+        if gen.stdout_closed {
+            return Ok(Replied::StdoutClosed);
+        }
+        let mut stdout = std::io::stdout().lock();
+        if writeln!(stdout).and_then(|_| stdout.flush()).is_err() {
+            return Ok(Replied::StdoutClosed);
+        }
+        drop(stdout);
         if gen.finish == FinishReason::Cancelled {
             eprintln!("(stopped)");
         } else {
@@ -260,8 +272,14 @@ impl Chat<'_> {
         }
         self.messages
             .push(Message::new("assistant", gen.text.trim()));
-        Ok(())
+        Ok(Replied::Yes)
     }
+}
+
+/// How a reply went, when it did not fail.
+enum Replied {
+    Yes,
+    StdoutClosed,
 }
 
 /// Reads one message, joining continuation lines (`\` at the end) and

@@ -72,6 +72,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt_len = request.prompt.len();
     engine::run_one(pipeline, request, sink, &mut Vec::new())?;
     let done = outcome.take()?;
+    if done.stdout_closed {
+        // `taper generate ... | head`: the reader has what it wanted.
+        return Ok(());
+    }
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout)?;
     eprintln!(

@@ -1,6 +1,7 @@
 //! Command-line interface: clap definitions, and turning flags into the
 //! library's typed configs. `anyhow` lives here and nowhere in the library.
 
+mod bench;
 mod chat;
 mod download;
 mod generate;
@@ -38,6 +39,8 @@ enum Command {
     Download(download::DownloadArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Measure prompt processing and generation speed (llama-bench's method).
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line and runs the chosen command.
@@ -48,6 +51,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Download(args) => download::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
@@ -65,6 +69,8 @@ pub fn cancel_on_ctrl_c(cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
 /// What a request run from the terminal ended with.
 pub struct Finished {
     pub text: String,
+    /// Writing to stdout failed (a closed pipe): the reply was cut short.
+    pub stdout_closed: bool,
     pub finish: FinishReason,
     pub usage: Usage,
     pub timing: Timing,
@@ -97,6 +103,7 @@ fn rate(n: usize, secs: f64) -> f64 {
 #[derive(Default)]
 struct OutcomeInner {
     text: String,
+    stdout_closed: bool,
     done: Option<(FinishReason, Usage, Timing)>,
     error: Option<String>,
 }
@@ -116,15 +123,18 @@ impl Outcome {
             anyhow::bail!(e);
         }
         let text = std::mem::take(&mut inner.text);
+        let stdout_closed = inner.stdout_closed;
         Ok(match inner.done.take() {
             Some((finish, usage, timing)) => Finished {
                 text,
+                stdout_closed,
                 finish,
                 usage,
                 timing,
             },
             None => Finished {
                 text,
+                stdout_closed,
                 finish: FinishReason::Cancelled,
                 usage: Usage::default(),
                 timing: Timing::default(),
