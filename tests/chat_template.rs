@@ -20,17 +20,7 @@ fn fixture_dir(name: &str) -> PathBuf {
 
 /// DEST/<name> as filled by scripts/fetch_tokenizers.sh.
 fn tokenizer_dir(name: &str) -> PathBuf {
-    let root = std::env::var_os("TAPER_TEST_TOKENIZERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tokenizers"));
-    let dir = root.join(name);
-    assert!(
-        dir.join("tokenizer.json").is_file(),
-        "{} is missing: run `scripts/fetch_tokenizers.sh target/test-tokenizers` \
-         (or point TAPER_TEST_TOKENIZERS at a folder filled by it)",
-        dir.join("tokenizer.json").display()
-    );
-    dir
+    crate::common::real_tokenizer_dir(name)
 }
 
 fn read_json(path: &Path) -> serde_json::Value {

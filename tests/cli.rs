@@ -103,48 +103,61 @@ fn a_request_longer_than_the_context_is_refused() {
     );
 }
 
-#[test]
-fn an_unknown_architecture_is_named() {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_fixture("qwen2", tmp.path());
-    let cfg = tmp.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("Qwen2ForCausalLM", "FalconForCausalLM");
-    std::fs::write(&cfg, text).unwrap();
+/// A copy of fixture `name` damaged by `damage`, for the error tests.
+fn damaged(name: &str, damage: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    copy_fixture(name, tmp.path());
+    damage(tmp.path());
+    tmp
+}
+
+/// Replaces `from` with `to` in `file`.
+fn edit(file: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(file).expect("read");
+    assert!(text.contains(from), "{from} is not in {}", file.display());
+    std::fs::write(file, text.replace(from, to)).expect("write");
+}
+
+/// Runs `generate` on a damaged model: it must fail cleanly. Returns stderr.
+fn generate_fails(dir: &Path) -> String {
     let o = taper(&[
         "generate",
         "--model",
-        tmp.path().to_str().unwrap(),
+        dir.to_str().expect("utf-8 path"),
         "--prompt",
         "hi",
     ]);
-    assert!(!o.status.success());
     let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn an_unknown_architecture_is_named() {
+    let dir = damaged("qwen2", |d| {
+        edit(
+            &d.join("config.json"),
+            "Qwen2ForCausalLM",
+            "FalconForCausalLM",
+        )
+    });
+    let err = generate_fails(dir.path());
     assert!(
         err.contains("unsupported architecture 'FalconForCausalLM'")
             && err.contains("Gemma3ForCausalLM"),
         "{err}"
     );
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
 fn a_truncated_weight_file_is_named() {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_fixture("qwen3", tmp.path());
-    let w = tmp.path().join("model.safetensors");
-    let bytes = std::fs::read(&w).unwrap();
-    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
-    let o = taper(&[
-        "generate",
-        "--model",
-        tmp.path().to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
+    let dir = damaged("qwen3", |d| {
+        let w = d.join("model.safetensors");
+        let bytes = std::fs::read(&w).expect("read");
+        std::fs::write(&w, &bytes[..bytes.len() / 2]).expect("write");
+    });
+    let err = generate_fails(dir.path());
     assert!(
         err.contains("model.safetensors") && err.contains("not a valid safetensors"),
         "{err}"
@@ -153,22 +166,14 @@ fn a_truncated_weight_file_is_named() {
 
 #[test]
 fn a_tensor_of_the_wrong_shape_is_named() {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_fixture("mistral", tmp.path());
-    let cfg = tmp.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
-    std::fs::write(&cfg, text).unwrap();
-    let o = taper(&[
-        "generate",
-        "--model",
-        tmp.path().to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
+    let dir = damaged("mistral", |d| {
+        edit(
+            &d.join("config.json"),
+            "\"intermediate_size\": 128",
+            "\"intermediate_size\": 96",
+        )
+    });
+    let err = generate_fails(dir.path());
     assert!(
         err.contains("gate_proj.weight") && err.contains("[128, 64]") && err.contains("[96, 64]"),
         "{err}"
@@ -177,38 +182,33 @@ fn a_tensor_of_the_wrong_shape_is_named() {
 
 #[test]
 fn a_missing_config_field_is_named() {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_fixture("phi3", tmp.path());
-    let cfg = tmp.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"num_hidden_layers\"", "\"num_hidden_layerz\"");
-    std::fs::write(&cfg, text).unwrap();
-    let o = taper(&[
-        "generate",
-        "--model",
-        tmp.path().to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("'num_hidden_layers'"), "{}", stderr(&o));
+    let dir = damaged("phi3", |d| {
+        edit(
+            &d.join("config.json"),
+            "\"num_hidden_layers\"",
+            "\"num_hidden_layerz\"",
+        )
+    });
+    let err = generate_fails(dir.path());
+    assert!(err.contains("'num_hidden_layers'"), "{err}");
 }
 
 #[test]
 fn a_missing_weight_file_is_named() {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_fixture("qwen2", tmp.path());
-    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
-    let o = taper(&[
-        "generate",
-        "--model",
-        tmp.path().to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("model.safetensors"), "{}", stderr(&o));
+    let dir = damaged("qwen2", |d| {
+        std::fs::remove_file(d.join("model.safetensors")).expect("remove")
+    });
+    let err = generate_fails(dir.path());
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn a_model_without_a_tokenizer_says_so() {
+    let dir = damaged("llama3", |d| {
+        std::fs::remove_file(d.join("tokenizer.json")).expect("remove")
+    });
+    let err = generate_fails(dir.path());
+    assert!(err.contains("tokenizer.json"), "{err}");
 }
 
 #[test]
