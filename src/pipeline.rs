@@ -11,6 +11,7 @@ use crate::chat_template::{ChatTemplate, Message, RenderOptions};
 use crate::config::GenerationConfig;
 use crate::hub::ModelFiles;
 use crate::models::Decoder;
+use crate::quant::Quant;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -28,11 +29,13 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Loads every part from resolved files. `chat_template` overrides the
-    /// template of tokenizer_config.json.
+    /// template of tokenizer_config.json; `quant` stores the model's linear
+    /// projections quantized (CPU only).
     pub fn load(
         files: &ModelFiles,
         dtype: DType,
         device: &Device,
+        quant: Quant,
         chat_template: Option<&Path>,
     ) -> Result<Self> {
         let tokenizer_path = files
@@ -64,7 +67,8 @@ impl Pipeline {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
         };
-        let model = crate::models::load(&files.config, &files.weights, dtype, device)?;
+        let model =
+            crate::models::load_quantized(&files.config, &files.weights, dtype, device, quant)?;
 
         let mut eos_ids = generation.eos_token_ids.clone();
         eos_ids.extend(&model.config().eos_token_ids);

@@ -21,6 +21,7 @@ pub fn run(args: DownloadArgs) -> anyhow::Result<()> {
         revision: args.revision,
         device: "cpu".into(),
         dtype: "auto".into(),
+        quant: "none".into(),
         chat_template: None,
     };
     let files = model.resolve()?;

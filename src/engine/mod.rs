@@ -267,7 +267,13 @@ impl Engine {
             let Some((id, request, sink)) = self.waiting.pop_front() else {
                 break;
             };
-            let (cache, common) = self.take_cache(&request.prompt);
+            // Echoed prompt logprobs need the logits of every prompt token,
+            // so such a request computes its whole prompt.
+            let (cache, common) = if request.prompt_logprobs {
+                (self.pipeline.model.new_cache(), 0)
+            } else {
+                self.take_cache(&request.prompt)
+            };
             let mut sampler = Sampler::new(request.sampling.clone());
             sampler.observe_prompt(&request.prompt);
             self.metrics.prefix_cache_hit_tokens.add(common as u64);
@@ -374,6 +380,7 @@ fn advance(
             }
             if !seq.sink.send(Event::PromptLogprobs(out)) {
                 seq.finished = true;
+                metrics.cancelled.add(1);
                 return Ok(());
             }
         }
@@ -526,7 +533,16 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
         let files =
             resolve(&ModelSource::Local(dir), &HubOptions::from_env()).expect("fixture resolves");
-        Arc::new(Pipeline::load(&files, DType::F32, &Device::Cpu, None).expect("fixture loads"))
+        Arc::new(
+            Pipeline::load(
+                &files,
+                DType::F32,
+                &Device::Cpu,
+                crate::quant::Quant::None,
+                None,
+            )
+            .expect("fixture loads"),
+        )
     }
 
     fn greedy(prompt: Vec<u32>, n: usize) -> Request {

@@ -20,6 +20,7 @@ use crate::kv_cache::SeqKvCache;
 use crate::models::layers::{
     apply_rope, soft_cap, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
 };
+use crate::quant::Quant;
 use crate::weights::WeightStore;
 use crate::{Error, Result};
 
@@ -78,13 +79,26 @@ pub struct Decoder {
 
 impl Decoder {
     /// Builds the model from its weights, checking every tensor's shape.
+    /// With `quant`, every linear projection (the head too, but not the
+    /// embedding lookup) is quantized as soon as it is read.
     pub fn load(
         config: ModelConfig,
         store: &WeightStore,
         dtype: DType,
         device: &Device,
+        quant: Quant,
     ) -> Result<Self> {
+        if quant != Quant::None && !device.is_cpu() {
+            return Err(Error::Device(format!(
+                "--quant {quant} runs on the CPU only for now: use --device cpu, or --quant none on a GPU"
+            )));
+        }
         let c = &config;
+        // Weights about to be quantized are read in f32 (on the CPU).
+        let wdtype = match quant {
+            Quant::None => dtype,
+            Quant::Q8_0 => DType::F32,
+        };
         let (h, hd) = (c.hidden_size, c.head_dim);
         let q_dim = c.num_heads * hd;
         let kv_dim = c.num_kv_heads * hd;
@@ -111,13 +125,16 @@ impl Decoder {
                 let w = store.load(
                     &format!("{p}.self_attn.qkv_proj.weight"),
                     &[q_dim + 2 * kv_dim, h],
-                    dtype,
+                    wdtype,
                     device,
                 )?;
+                let part = |start, len| -> Result<Linear> {
+                    Linear::quantized(w.narrow(0, start, len)?.contiguous()?, None, quant)
+                };
                 (
-                    Linear::new(w.narrow(0, 0, q_dim)?.contiguous()?, None),
-                    Linear::new(w.narrow(0, q_dim, kv_dim)?.contiguous()?, None),
-                    Linear::new(w.narrow(0, q_dim + kv_dim, kv_dim)?.contiguous()?, None),
+                    part(0, q_dim)?,
+                    part(q_dim, kv_dim)?,
+                    part(q_dim + kv_dim, kv_dim)?,
                 )
             } else {
                 (
@@ -129,6 +146,7 @@ impl Decoder {
                         c.qkv_bias,
                         dtype,
                         device,
+                        quant,
                     )?,
                     Linear::load(
                         store,
@@ -138,6 +156,7 @@ impl Decoder {
                         c.qkv_bias,
                         dtype,
                         device,
+                        quant,
                     )?,
                     Linear::load(
                         store,
@@ -147,6 +166,7 @@ impl Decoder {
                         c.qkv_bias,
                         dtype,
                         device,
+                        quant,
                     )?,
                 )
             };
@@ -158,6 +178,7 @@ impl Decoder {
                 c.o_bias,
                 dtype,
                 device,
+                quant,
             )?;
             let (q_norm, k_norm) = if c.qk_norm {
                 (
@@ -177,13 +198,13 @@ impl Decoder {
                 let w = store.load(
                     &format!("{p}.mlp.gate_up_proj.weight"),
                     &[2 * inter, h],
-                    dtype,
+                    wdtype,
                     device,
                 )?;
-                (
-                    Linear::new(w.narrow(0, 0, inter)?.contiguous()?, None),
-                    Linear::new(w.narrow(0, inter, inter)?.contiguous()?, None),
-                )
+                let part = |start, len| -> Result<Linear> {
+                    Linear::quantized(w.narrow(0, start, len)?.contiguous()?, None, quant)
+                };
+                (part(0, inter)?, part(inter, inter)?)
             } else {
                 (
                     Linear::load(
@@ -194,6 +215,7 @@ impl Decoder {
                         c.mlp_bias,
                         dtype,
                         device,
+                        quant,
                     )?,
                     Linear::load(
                         store,
@@ -203,6 +225,7 @@ impl Decoder {
                         c.mlp_bias,
                         dtype,
                         device,
+                        quant,
                     )?,
                 )
             };
@@ -214,6 +237,7 @@ impl Decoder {
                 c.mlp_bias,
                 dtype,
                 device,
+                quant,
             )?;
             let mlp = Mlp {
                 gate,
@@ -259,9 +283,19 @@ impl Decoder {
         // Tied checkpoints may still carry an `lm_head.weight`; like
         // `transformers`, a tied model ignores it and uses the embeddings.
         let lm_head = if c.tie_word_embeddings {
-            Linear::new(embed.table().clone(), None)
+            // Quantizing copies the table: the lookup stays dense.
+            Linear::quantized(embed.table().clone(), None, quant)?
         } else {
-            Linear::load(store, "lm_head", h, c.vocab_size, false, dtype, device)?
+            Linear::load(
+                store,
+                "lm_head",
+                h,
+                c.vocab_size,
+                false,
+                dtype,
+                device,
+                quant,
+            )?
         };
 
         Ok(Decoder {
@@ -298,12 +332,12 @@ impl Decoder {
         let c = &self.config;
         let mut n = self.embed.table().elem_count() + c.hidden_size;
         if !c.tie_word_embeddings {
-            n += self.lm_head.weight().elem_count();
+            n += self.lm_head.num_weights();
         }
         for l in &self.layers {
             let a = &l.attn;
             for lin in [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down] {
-                n += lin.weight().elem_count();
+                n += lin.num_weights();
             }
             n += c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
             if c.qk_norm {
@@ -311,6 +345,33 @@ impl Decoder {
             }
             if c.qkv_bias {
                 n += (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
+            }
+        }
+        n
+    }
+
+    /// Bytes the weights take in memory, in their runtime dtypes (norms are
+    /// f32), counting a tied embedding once, as `num_parameters` counts.
+    pub fn weight_bytes(&self) -> usize {
+        let c = &self.config;
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let dsize = self.dtype.size_in_bytes();
+        let mut n = bytes(self.embed.table()) + 4 * c.hidden_size;
+        // A quantized tied head is a copy of the (dense) embeddings.
+        if !c.tie_word_embeddings || self.lm_head.is_quantized() {
+            n += self.lm_head.weight_bytes();
+        }
+        for l in &self.layers {
+            let a = &l.attn;
+            for lin in [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down] {
+                n += lin.weight_bytes();
+            }
+            n += 4 * c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
+            if c.qk_norm {
+                n += 4 * 2 * c.head_dim;
+            }
+            if c.qkv_bias {
+                n += dsize * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
             }
         }
         n

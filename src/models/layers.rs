@@ -1,26 +1,54 @@
-//! The building blocks every supported decoder shares: linear projections,
-//! RMSNorm (plain and Gemma's `1 + w` form), the gated MLP and rotary
-//! embeddings with per-token positions.
+//! The building blocks every supported decoder shares: linear projections
+//! (dense, or Q8_0 through `quant`), RMSNorm (plain and Gemma's `1 + w`
+//! form), the gated MLP and rotary embeddings with per-token positions.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::{Activation, Rope, RopeScaling};
+use crate::quant::{self, Q8Matrix, Quant};
 use crate::weights::WeightStore;
 use crate::Result;
 
-/// `y = x Wᵀ + b` on `[tokens, in]` inputs.
+/// `y = x Wᵀ + b` on `[tokens, in]` inputs, with `W` dense or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// `[out, in]` in the model's dtype, on its device.
+    Dense(Tensor),
+    /// Q8_0 on the CPU; shared so that cloning a layer copies no weights.
+    Q8_0(Arc<Q8Matrix>),
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            weight: LinearWeight::Dense(weight),
+            bias,
+        }
     }
 
-    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    /// A projection over `weight` (`[out, in]`), stored as `quant` says:
+    /// quantizing reads `weight` once, and the caller's copy can then be
+    /// dropped.
+    pub fn quantized(weight: Tensor, bias: Option<Tensor>, quant: Quant) -> Result<Self> {
+        let weight = match quant {
+            Quant::None => LinearWeight::Dense(weight),
+            Quant::Q8_0 => LinearWeight::Q8_0(Arc::new(quant::quantize_tensor(&weight)?)),
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`). A quantized
+    /// weight is read in f32, quantized and the f32 copy dropped before the
+    /// next tensor is read, so the dense model never exists in memory.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         store: &WeightStore,
         prefix: &str,
@@ -29,27 +57,48 @@ impl Linear {
         bias: bool,
         dtype: DType,
         device: &Device,
+        quant: Quant,
     ) -> Result<Self> {
-        let weight = store.load(
-            &format!("{prefix}.weight"),
-            &[out_dim, in_dim],
-            dtype,
-            device,
-        )?;
+        let name = format!("{prefix}.weight");
+        let weight = match quant {
+            Quant::None => store.load(&name, &[out_dim, in_dim], dtype, device)?,
+            Quant::Q8_0 => store.load(&name, &[out_dim, in_dim], DType::F32, &Device::Cpu)?,
+        };
         let bias = if bias {
             Some(store.load(&format!("{prefix}.bias"), &[out_dim], dtype, device)?)
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Linear::quantized(weight, bias, quant)
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Q8_0(_))
+    }
+
+    /// Number of weights (`out × in`), without the bias.
+    pub fn num_weights(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.elem_count(),
+            LinearWeight::Q8_0(q) => q.rows() * q.cols(),
+        }
+    }
+
+    /// Bytes the weight takes in memory (quantized blocks with their
+    /// scales, or the dense tensor), without the bias.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Q8_0(q) => q.size_bytes(),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Q8_0(q) => quant::matmul_tensor(q, x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

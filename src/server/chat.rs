@@ -165,3 +165,105 @@ impl Chunker for ChatChunker {
         vec![self.chunk(Vec::new(), Some(usage))]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream;
+
+    use super::*;
+    use crate::engine::{Timing, Usage as EngineUsage};
+    use crate::stopping::FinishReason;
+
+    fn chunker(choices: usize) -> ChatChunker {
+        ChatChunker {
+            meta: Meta::new("chatcmpl", "m"),
+            logprobs: false,
+            include_usage: true,
+            prompt_tokens: 7,
+            completion_tokens: 0,
+            choices,
+            finished: 0,
+        }
+    }
+
+    fn token(text: &str) -> Event {
+        Event::Token {
+            id: 1,
+            text: text.into(),
+            logprob: None,
+        }
+    }
+
+    fn done(n: usize) -> Event {
+        Event::Done {
+            finish: FinishReason::Length,
+            usage: EngineUsage {
+                prompt_tokens: 7,
+                completion_tokens: n,
+                cached_tokens: 0,
+            },
+            timing: Timing::default(),
+        }
+    }
+
+    /// The `data:` payloads of a streamed response.
+    async fn data(events: Vec<(usize, Event)>, c: ChatChunker) -> Vec<String> {
+        let response = sse::respond(stream::iter(events), c);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+            .collect()
+    }
+
+    fn json(s: &str) -> serde_json::Value {
+        serde_json::from_str(s).expect("json")
+    }
+
+    #[tokio::test]
+    async fn chunks_come_in_openais_order() {
+        let events = vec![
+            (0, token("Hel")),
+            (0, token("")),
+            (0, token("lo")),
+            (0, done(3)),
+        ];
+        let data = data(events, chunker(1)).await;
+        assert_eq!(data.len(), 6, "{data:?}");
+        assert_eq!(json(&data[0])["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(json(&data[1])["choices"][0]["delta"]["content"], "Hel");
+        assert_eq!(json(&data[2])["choices"][0]["delta"]["content"], "lo");
+        assert_eq!(json(&data[3])["choices"][0]["finish_reason"], "length");
+        let usage = json(&data[4]);
+        assert_eq!(usage["choices"], serde_json::json!([]));
+        assert_eq!(usage["usage"]["total_tokens"], 10);
+        assert_eq!(data[5], "[DONE]");
+    }
+
+    #[tokio::test]
+    async fn an_error_mid_stream_is_a_json_event_then_done() {
+        let events = vec![
+            (0, token("a")),
+            (0, Event::Error("boom".into())),
+            (0, token("never sent")),
+        ];
+        let data = data(events, chunker(1)).await;
+        let error = json(&data[data.len() - 2]);
+        assert_eq!(error["error"]["message"], "boom");
+        assert_eq!(error["error"]["type"], "server_error");
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+        assert!(!data.iter().any(|d| d.contains("never sent")));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_early_reports_it() {
+        let data = data(vec![(0, token("a")), (1, done(1))], chunker(2)).await;
+        let error = json(&data[data.len() - 2]);
+        assert!(error["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("engine stopped"));
+    }
+}

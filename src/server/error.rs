@@ -242,9 +242,22 @@ impl From<JsonRejection> for AppError {
                 let detail = text.split_once(": ").map(|(_, rest)| rest).unwrap_or(&text);
                 match detail.split_once(": ") {
                     Some((path, message)) if is_path(path) => {
-                        AppError::bad_body(format!("`{path}`: {message}")).with_param(path)
+                        let param =
+                            match message.strip_prefix("missing field ").and_then(backticked) {
+                                Some(field) => format!("{path}.{field}"),
+                                None => path.to_owned(),
+                            };
+                        AppError::bad_body(format!("`{path}`: {message}")).with_param(&param)
                     }
-                    _ => AppError::bad_body(format!("Invalid request body: {detail}")),
+                    _ => {
+                        // A missing field has no path of its own; serde
+                        // names it in backticks.
+                        let e = AppError::bad_body(format!("Invalid request body: {detail}"));
+                        match detail.strip_prefix("missing field ").and_then(backticked) {
+                            Some(field) => e.with_param(&field),
+                            None => e,
+                        }
+                    }
                 }
             }
             JsonRejection::JsonSyntaxError(_) => {

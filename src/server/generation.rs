@@ -93,3 +93,27 @@ pub fn merge(
 pub fn engine_stopped() -> AppError {
     AppError::internal("the engine stopped before the request finished")
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc::unbounded_channel;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_engine_error_is_a_500() {
+        let (tx, rx) = unbounded_channel();
+        tx.send(Event::Error("nan in logits".into())).expect("send");
+        let e = collect(rx).await.expect_err("fails");
+        assert_eq!(e.status, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(e.detail.message, "nan in logits");
+    }
+
+    #[tokio::test]
+    async fn a_channel_closed_before_done_is_a_500() {
+        let (tx, rx) = unbounded_channel::<Event>();
+        drop(tx);
+        let e = collect(rx).await.expect_err("fails");
+        assert_eq!(e.status, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

@@ -218,6 +218,14 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_field_is_named() {
+        let e = parse::<ChatFields>(br#"{}"#).unwrap_err();
+        assert_eq!(e.detail.param.as_deref(), Some("messages"), "{e:?}");
+        let e = parse::<ChatFields>(br#"{"messages": [{"content": "x"}]}"#).unwrap_err();
+        assert_eq!(e.detail.param.as_deref(), Some("messages[0].role"), "{e:?}");
+    }
+
+    #[test]
     fn broken_json_is_a_bad_body() {
         let e = parse::<ChatFields>(br#"{"messages": "#).unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);

@@ -1,0 +1,59 @@
+//! Q8_0 matrix-vector products at Qwen2.5-0.5B's shapes against candle's
+//! f32 matmul of the same shape: every kernel this CPU runs, one token
+//! (decode) and 64 tokens (prefill) for the MLP's up projection.
+//!
+//! `cargo bench --bench kernels`; set `RAYON_NUM_THREADS` to pin the thread
+//! count (both taper's kernels and candle's matmul use rayon's global pool).
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use taper::quant::{Kernel, Q8Matrix};
+
+/// Deterministic values in [-scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn bench_shape(c: &mut Criterion, cols: usize, rows: usize, tokens: usize) {
+    let w = values(rows * cols, 1, 0.05);
+    let x = values(tokens * cols, 2, 1.0);
+    let q = Q8Matrix::quantize(&w, rows, cols).expect("quantize");
+    let mut group = c.benchmark_group(format!("{cols}->{rows} t={tokens}"));
+    // Throughput in weights: one weight is one multiply-add per token.
+    group.throughput(Throughput::Elements((rows * cols * tokens) as u64));
+    if rows * cols > 50_000_000 {
+        group.sample_size(10);
+    }
+    for kernel in Kernel::available() {
+        if kernel == Kernel::Scalar && rows * cols * tokens > 50_000_000 {
+            continue; // seconds per sample, and it is only the fallback
+        }
+        group.bench_function(format!("q8_0 {}", kernel.name()), |b| {
+            b.iter(|| q.matmul_with(kernel, &x, tokens).expect("matmul"))
+        });
+    }
+    let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("tensor");
+    let xt = Tensor::from_vec(x, (tokens, cols), &Device::Cpu).expect("tensor");
+    group.bench_function("candle f32", |b| {
+        b.iter(|| xt.matmul(&wt.t().expect("t")).expect("matmul"))
+    });
+    group.finish();
+}
+
+fn kernels(c: &mut Criterion) {
+    bench_shape(c, 896, 4864, 1);
+    bench_shape(c, 4864, 896, 1);
+    bench_shape(c, 896, 151_936, 1);
+    bench_shape(c, 896, 4864, 64);
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);

@@ -1,0 +1,213 @@
+"""`taper serve` through the official `openai` Python package.
+
+Starts the real binary (``TAPER_BIN``, default ``target/debug/taper``) on the
+tiny Qwen2 fixture with an API key, on a free loopback port, and checks what
+OpenAI's own client sees: models, chat and completions (streamed or not),
+logprobs, stop strings, ``n``, seeds, and the exception each error maps to.
+Run by ``scripts/test.sh``.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "models" / "qwen2"
+NAME = "tiny-qwen2"
+KEY = "test-key"
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def taper_bin():
+    path = os.environ.get("TAPER_BIN") or str(ROOT / "target" / "debug" / "taper")
+    if not os.path.isfile(path):
+        pytest.fail(f"{path} does not exist: build it with `cargo build` or set TAPER_BIN")
+    return path
+
+
+@pytest.fixture(scope="session")
+def server():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TAPER_API_KEY", None)
+    proc = subprocess.Popen(
+        [taper_bin(), "serve", "--model", str(FIXTURE), "--port", "0",
+         "--served-model-name", NAME, "--api-key", KEY],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    port = {}
+    found = threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            m = re.match(r"listening on http://[^ ]*:(\d+)", line)
+            if m:
+                port["port"] = int(m.group(1))
+                found.set()
+    threading.Thread(target=read_stderr, daemon=True).start()
+    try:
+        if not found.wait(60):
+            pytest.fail("taper serve did not print `listening on http://HOST:PORT`")
+        base = f"http://127.0.0.1:{port['port']}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health") as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("/health did not answer 200 within 60 s")
+            time.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def reference_text():
+    ref = json.loads((FIXTURE / "reference.json").read_text())
+    return ref["prompts"][0], ref["greedy_text_0"]
+
+
+def hello():
+    return [{"role": "user", "content": "Hello"}]
+
+
+def test_models_list_the_served_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [NAME]
+
+
+def test_chat_non_streamed(client):
+    r = client.chat.completions.create(model=NAME, messages=hello(), max_tokens=8, **GREEDY)
+    assert r.object == "chat.completion"
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_chat_streamed_with_usage_matches_non_streamed(client):
+    full = client.chat.completions.create(model=NAME, messages=hello(), max_tokens=8, **GREEDY)
+    chunks = list(client.chat.completions.create(
+        model=NAME, messages=hello(), max_tokens=8, stream=True,
+        stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completions_match_the_transformers_reference(client):
+    ids, want = reference_text()
+    r = client.completions.create(model=NAME, prompt="The quick b", max_tokens=32, **GREEDY)
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == len(ids)
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=32, **GREEDY)
+    assert r.choices[0].text == want
+    r = client.completions.create(model=NAME, prompt=["The quick b", "Hi"], max_tokens=32, **GREEDY)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text == want
+
+
+def test_completions_streamed(client):
+    _, want = reference_text()
+    chunks = list(client.completions.create(
+        model=NAME, prompt="The quick b", max_tokens=32, stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_logprobs_and_top_logprobs(client):
+    r = client.chat.completions.create(
+        model=NAME, messages=hello(), max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert entry.logprob <= 0
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token
+
+
+def test_completion_logprobs_with_echo(client):
+    # A prompt no other test sends: the engine still serves a prompt it has
+    # seen from its prefix cache, whose tokens then have no logprobs (see
+    # the ignored test in tests/server.rs).
+    prompt = "Echo me, once"
+    r = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=3, echo=True, logprobs=2, **GREEDY)
+    choice = r.choices[0]
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    assert len(lp.tokens) == r.usage.prompt_tokens + 3
+    assert lp.token_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset[0] == 0
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])
+
+
+def test_stop_strings(client):
+    _, want = reference_text()
+    stop = want[8:11]
+    r = client.completions.create(
+        model=NAME, prompt="The quick b", max_tokens=32, stop=["\x01never", stop], **GREEDY)
+    assert r.choices[0].text == want[: want.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_differ_and_seeds_reproduce(client):
+    kwargs = dict(model=NAME, messages=hello(), max_tokens=16, temperature=1.0, seed=42, n=2,
+                  extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    assert len(a.choices) == 2
+    texts = [c.message.content for c in a.choices]
+    assert texts[0] != texts[1]
+    assert texts == [c.message.content for c in b.choices]
+
+
+def test_invalid_parameters_raise_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=hello(), temperature=3)
+    assert e.value.status_code == 400
+    assert "`temperature` must be in [0, 2]" in e.value.message
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=hello(), max_tokens=600)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_a_wrong_key_raises_authentication_error(server):
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_an_unknown_model_raises_not_found(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-17", messages=hello())
+    assert e.value.code == "model_not_found"

@@ -1,0 +1,1071 @@
+//! `taper serve` over real HTTP: the binary on a loopback port (`--port 0`,
+//! the port read from its stderr) with the tiny Qwen2 fixture (ChatML
+//! template, context 512). Every endpoint, parameter and error status of
+//! issue #4, streaming, cancellation on disconnect and graceful shutdown.
+//! The router alone (no model yet) is driven with `oneshot`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{fixture, Reference};
+
+/// The name the test servers serve the fixture under.
+const NAME: &str = "tiny-qwen2";
+
+/// A `taper serve` process; killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        Self::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let model = fixture("qwen2");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taper"));
+        cmd.args(["serve", "--model"])
+            .arg(&model)
+            .args(["--port", "0", "--served-model-name", NAME])
+            .args(extra)
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("TAPER_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("taper serve starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on http://") {
+                    let port = addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+                    let _ = tx.send(port);
+                }
+                eprintln!("[taper serve] {line}");
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(60))
+            .ok()
+            .flatten()
+            .expect("taper serve prints `listening on http://HOST:PORT`");
+        let server = Server {
+            child,
+            port,
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(120))
+                .build(),
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.agent.get(&self.url("/health")).call() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("/health did not answer 200 within 60 s");
+    }
+
+    /// Status and body of a GET.
+    fn get(&self, path: &str) -> (u16, String) {
+        reply(self.agent.get(&self.url(path)).call())
+    }
+
+    /// Status and JSON body of a POST.
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_with(path, &body.to_string(), &[])
+    }
+
+    fn post_with(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = self
+            .agent
+            .post(&self.url(path))
+            .set("Content-Type", "application/json");
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let (status, text) = reply(req.send_string(body));
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{path} answered {status} with non-JSON ({e}): {text}"));
+        (status, json)
+    }
+
+    /// A 200 response's JSON.
+    fn ok(&self, path: &str, body: &Value) -> Value {
+        let (status, json) = self.post(path, body);
+        assert_eq!(status, 200, "{path} {body}: {json}");
+        json
+    }
+
+    /// The `data:` payloads of a streamed response, checked to end with
+    /// `[DONE]` (which is left out).
+    fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
+        let response = self
+            .agent
+            .post(&self.url(path))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+            .unwrap_or_else(|e| panic!("{path} {body}: {e}"));
+        assert_eq!(response.content_type(), "text/event-stream");
+        let mut events = Vec::new();
+        let mut done = false;
+        for line in BufReader::new(response.into_reader()).lines() {
+            let line = line.expect("stream reads");
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            assert!(!done, "nothing may follow [DONE]");
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            events.push(serde_json::from_str(data).expect("every data line is JSON"));
+        }
+        assert!(done, "the stream ends with data: [DONE]");
+        events
+    }
+
+    /// The value of a metric line `name value`.
+    fn metric(&self, name: &str) -> f64 {
+        let (status, text) = self.get("/metrics");
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{text}"))
+    }
+
+    /// Polls until `check` holds (10 s at most).
+    fn eventually(&self, what: &str, check: impl Fn(&Server) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if check(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{what} did not happen within 10 s");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn reply(result: Result<ureq::Response, ureq::Error>) -> (u16, String) {
+    match result {
+        Ok(r) => (r.status(), r.into_string().expect("body reads")),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body reads")),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+/// Asserts OpenAI's error shape and returns the `error` object.
+fn error_of(status: u16, body: &Value, want_status: u16) -> &Value {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert!(e["message"].is_string(), "{body}");
+    assert!(e["type"].is_string(), "{body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
+    e
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": NAME,
+        "messages": [{"role": "user", "content": content}],
+    });
+    merge(&mut body, extra);
+    body
+}
+
+fn completion(prompt: Value, extra: Value) -> Value {
+    let mut body = json!({"model": NAME, "prompt": prompt});
+    merge(&mut body, extra);
+    body
+}
+
+fn merge(body: &mut Value, extra: Value) {
+    if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+        b.extend(e);
+    }
+}
+
+fn text_of(choice: &Value) -> String {
+    choice["message"]["content"]
+        .as_str()
+        .or_else(|| choice["text"].as_str())
+        .expect("choice text")
+        .to_owned()
+}
+
+/// The prompt of reference.json's greedy text, and that text.
+fn reference_prompt() -> (Vec<u32>, String) {
+    let r = Reference::load("qwen2");
+    let text = r.json["greedy_text_0"].as_str().expect("greedy_text_0");
+    (r.prompts[0].clone(), text.to_owned())
+}
+
+// ---- routes ----------------------------------------------------------------
+
+#[test]
+fn health_models_and_metrics() {
+    let s = Server::start(&[]);
+    let (status, body) = s.get("/health");
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+
+    let (status, body) = s.get("/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], NAME);
+    assert_eq!(models["data"][0]["object"], "model");
+    assert_eq!(models["data"][0]["max_model_len"], 512);
+
+    s.ok(
+        "/v1/completions",
+        &completion(json!("Hi"), json!({"max_tokens": 2})),
+    );
+    let (_, metrics) = s.get("/metrics");
+    for name in [
+        "taper_requests_running 0",
+        "taper_requests_waiting 0",
+        "taper_requests_cancelled_total 0",
+        "taper_http_requests_total{status=\"200\"}",
+        "taper_generation_tokens_total",
+        "taper_time_to_first_token_seconds_count 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+}
+
+#[test]
+fn the_router_answers_503_until_the_model_is_loaded() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use taper::server::{router, AppState, ServerConfig};
+    use tower::ServiceExt;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let state = AppState::new(ServerConfig::new(NAME), Default::default());
+        let call = |method: &str, path: &str, body: &str| {
+            let app = router(state.clone());
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_owned()))
+                .expect("request");
+            async move {
+                let res = app.oneshot(req).await.expect("infallible");
+                let status = res.status().as_u16();
+                let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+                    .await
+                    .expect("body");
+                (status, String::from_utf8_lossy(&bytes).into_owned())
+            }
+        };
+        let (status, body) = call("GET", "/health", "").await;
+        assert_eq!((status, body.as_str()), (503, r#"{"status":"loading"}"#));
+        let chat = r#"{"messages": [{"role": "user", "content": "Hi"}]}"#;
+        let (status, body) = call("POST", "/v1/chat/completions", chat).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("model_loading"), "{body}");
+        let (status, body) = call("GET", "/nowhere", "").await;
+        assert_eq!(status, 404, "{body}");
+        assert!(body.contains("Invalid URL (GET /nowhere)"), "{body}");
+    });
+}
+
+// ---- chat --------------------------------------------------------------------
+
+#[test]
+fn chat_non_streamed_and_streamed_agree() {
+    let s = Server::start(&[]);
+    let params = json!({"temperature": 0, "max_tokens": 12, "ignore_eos": true});
+    let body = s.ok("/v1/chat/completions", &chat("Hello", params.clone()));
+    assert_eq!(body["object"], "chat.completion");
+    assert!(
+        body["id"].as_str().unwrap_or("").starts_with("chatcmpl-"),
+        "{body}"
+    );
+    assert_eq!(body["model"], NAME);
+    let choice = &body["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["finish_reason"], "length");
+    assert!(choice["logprobs"].is_null());
+    let usage = &body["usage"];
+    assert_eq!(usage["completion_tokens"], 12);
+    let prompt_tokens = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
+    assert!(prompt_tokens > 0);
+    assert_eq!(usage["total_tokens"], prompt_tokens + 12);
+    let text = text_of(choice);
+
+    let mut streamed = params.clone();
+    merge(
+        &mut streamed,
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let events = s.stream("/v1/chat/completions", &chat("Hello", streamed));
+    let first = &events[0];
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let (last, rest) = events.split_last().expect("events");
+    assert_eq!(last["choices"], json!([]), "the usage chunk has no choices");
+    assert_eq!(last["usage"]["completion_tokens"], 12);
+    assert_eq!(last["usage"]["prompt_tokens"], prompt_tokens);
+    let finish = rest.last().expect("a final chunk");
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let joined: String = rest
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(joined, text);
+    let ids: Vec<&Value> = events.iter().map(|e| &e["id"]).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "one id per stream");
+
+    // Without include_usage there is no usage chunk.
+    let mut plain = params;
+    merge(&mut plain, json!({"stream": true}));
+    let events = s.stream("/v1/chat/completions", &chat("Hello", plain));
+    assert!(events.iter().all(|e| e.get("usage").is_none()));
+}
+
+#[test]
+fn greedy_chat_through_the_server_equals_taper_generate() {
+    let model = fixture("qwen2");
+    let message = "Tell me about the sea";
+    let out = Command::new(env!("CARGO_BIN_EXE_taper"))
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--chat", "--prompt", message])
+        .args(["--temperature", "0", "--max-tokens", "40", "--ignore-eos"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("taper generate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let want = stdout.strip_suffix('\n').expect("a trailing newline");
+
+    let s = Server::start(&[]);
+    let body = s.ok(
+        "/v1/chat/completions",
+        &chat(
+            message,
+            json!({"temperature": 0, "max_tokens": 40, "ignore_eos": true}),
+        ),
+    );
+    assert_eq!(text_of(&body["choices"][0]), want);
+}
+
+#[test]
+fn chat_logprobs_and_top_logprobs() {
+    let s = Server::start(&[]);
+    let body = s.ok(
+        "/v1/chat/completions",
+        &chat(
+            "Hi",
+            json!({"temperature": 0, "max_tokens": 5, "ignore_eos": true,
+                   "logprobs": true, "top_logprobs": 3}),
+        ),
+    );
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs.content");
+    assert_eq!(content.len(), 5);
+    for entry in content {
+        let token = entry["token"].as_str().expect("token");
+        let logprob = entry["logprob"].as_f64().expect("logprob");
+        assert!(logprob <= 0.0);
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| b.as_u64().expect("byte") as u8)
+            .collect();
+        assert_eq!(bytes, token.as_bytes());
+        let top = entry["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], entry["token"]);
+        assert!((top[0]["logprob"].as_f64().expect("lp") - logprob).abs() < 1e-6);
+    }
+
+    // Streamed, each content chunk carries its token's logprobs.
+    let events = s.stream(
+        "/v1/chat/completions",
+        &chat(
+            "Hi",
+            json!({"temperature": 0, "max_tokens": 5, "ignore_eos": true,
+                   "logprobs": true, "top_logprobs": 1, "stream": true}),
+        ),
+    );
+    let entries: usize = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    assert_eq!(entries, 5);
+}
+
+// ---- completions ---------------------------------------------------------------
+
+#[test]
+fn completions_take_every_prompt_shape() {
+    let s = Server::start(&[]);
+    let (ids, want) = reference_prompt();
+    let greedy = json!({"temperature": 0, "max_tokens": 32, "ignore_eos": true});
+
+    // A string and its token ids give the transformers reference.
+    let body = s.ok(
+        "/v1/completions",
+        &completion(json!("The quick b"), greedy.clone()),
+    );
+    assert_eq!(body["object"], "text_completion");
+    assert!(body["id"].as_str().unwrap_or("").starts_with("cmpl-"));
+    assert_eq!(text_of(&body["choices"][0]), want);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["prompt_tokens"], ids.len());
+    assert_eq!(body["usage"]["completion_tokens"], 32);
+    let body = s.ok("/v1/completions", &completion(json!(ids), greedy.clone()));
+    assert_eq!(text_of(&body["choices"][0]), want);
+
+    // Several prompts: one choice each, in order.
+    let body = s.ok(
+        "/v1/completions",
+        &completion(json!(["The quick b", "Hi"]), greedy.clone()),
+    );
+    let choices = body["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0]["index"], 0);
+    assert_eq!(choices[1]["index"], 1);
+    assert_eq!(text_of(&choices[0]), want);
+    assert_eq!(body["usage"]["completion_tokens"], 64);
+    let body = s.ok(
+        "/v1/completions",
+        &completion(json!([ids.clone(), [51, 257]]), greedy),
+    );
+    assert_eq!(body["choices"].as_array().map(Vec::len), Some(2));
+    assert_eq!(text_of(&body["choices"][0]), want);
+}
+
+#[test]
+fn completions_echo_and_logprobs() {
+    let s = Server::start(&[]);
+    let (ids, _) = reference_prompt();
+    // The first request of this server: no prefix cache yet.
+    let body = s.ok(
+        "/v1/completions",
+        &completion(
+            json!("The quick b"),
+            json!({"temperature": 0, "max_tokens": 3, "ignore_eos": true,
+                   "echo": true, "logprobs": 2}),
+        ),
+    );
+    let choice = &body["choices"][0];
+    assert!(text_of(choice).starts_with("The quick b"), "{body}");
+    let lp = &choice["logprobs"];
+    let tokens = lp["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), ids.len() + 3);
+    let token_logprobs = lp["token_logprobs"].as_array().expect("token_logprobs");
+    assert!(
+        token_logprobs[0].is_null(),
+        "nothing predicts the first token"
+    );
+    assert!(
+        token_logprobs[1..]
+            .iter()
+            .all(|v| v.as_f64().is_some_and(|x| x <= 0.0)),
+        "{lp}"
+    );
+    let top = lp["top_logprobs"].as_array().expect("top_logprobs");
+    assert!(top[0].is_null());
+    for entry in &top[1..] {
+        let n = entry.as_object().expect("a map").len();
+        assert!((1..=3).contains(&n), "top 2 plus the chosen token: {entry}");
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("text_offset")
+        .iter()
+        .map(|v| v.as_u64().expect("offset"))
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    let joined: String = tokens.iter().filter_map(Value::as_str).collect();
+    assert_eq!(joined.chars().count() as u64, {
+        let last = tokens.last().and_then(Value::as_str).unwrap_or("");
+        offsets.last().copied().unwrap_or(0) + last.chars().count() as u64
+    });
+
+    // Echo alone, and scoring a prompt with max_tokens 0.
+    let body = s.ok(
+        "/v1/completions",
+        &completion(json!("Hi"), json!({"max_tokens": 2, "echo": true})),
+    );
+    assert!(text_of(&body["choices"][0]).starts_with("Hi"));
+    assert!(body["choices"][0]["logprobs"].is_null());
+    let body = s.ok(
+        "/v1/completions",
+        &completion(
+            json!("Hello there"),
+            json!({"max_tokens": 0, "echo": true, "logprobs": 0}),
+        ),
+    );
+    assert_eq!(text_of(&body["choices"][0]), "Hello there");
+    assert_eq!(body["usage"]["completion_tokens"], 0);
+
+    // Streamed: the echo comes first, then the generated tokens.
+    let events = s.stream(
+        "/v1/completions",
+        &completion(
+            json!("The quick b"),
+            json!({"temperature": 0, "max_tokens": 3, "ignore_eos": true,
+                   "echo": true, "stream": true,
+                   "stream_options": {"include_usage": true}}),
+        ),
+    );
+    assert_eq!(events[0]["choices"][0]["text"], "The quick b");
+    let (last, _) = events.split_last().expect("events");
+    assert_eq!(last["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn echoed_logprobs_are_complete_for_a_prompt_seen_before() {
+    let s = Server::start(&[]);
+    let body = json!({"model": NAME, "prompt": "The quick b", "max_tokens": 1,
+                      "echo": true, "logprobs": 1});
+    s.ok("/v1/completions", &body);
+    let again = s.ok("/v1/completions", &body);
+    let lps = again["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .expect("token_logprobs")
+        .clone();
+    assert!(lps[1..].iter().all(Value::is_f64), "{lps:?}");
+}
+
+// ---- sampling parameters --------------------------------------------------------
+
+#[test]
+fn n_seed_stop_and_logit_bias() {
+    let s = Server::start(&[]);
+    let sampled = json!({"temperature": 1.0, "max_tokens": 16, "ignore_eos": true,
+                         "seed": 1234, "n": 2});
+    let a = s.ok("/v1/chat/completions", &chat("Hi", sampled.clone()));
+    let choices = a["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2);
+    assert_eq!(
+        (choices[0]["index"].clone(), choices[1]["index"].clone()),
+        (json!(0), json!(1))
+    );
+    assert_ne!(
+        text_of(&choices[0]),
+        text_of(&choices[1]),
+        "seed + i per choice"
+    );
+    assert_eq!(a["usage"]["completion_tokens"], 32);
+
+    // The same seed, the same texts; choice 1 is seed + 1 on its own.
+    let b = s.ok("/v1/chat/completions", &chat("Hi", sampled));
+    assert_eq!(a["choices"], b["choices"]);
+    let alone = s.ok(
+        "/v1/chat/completions",
+        &chat(
+            "Hi",
+            json!({"temperature": 1.0, "max_tokens": 16, "ignore_eos": true, "seed": 1235}),
+        ),
+    );
+    assert_eq!(text_of(&alone["choices"][0]), text_of(&choices[1]));
+
+    // Stop strings end the text before them, as a string or a list.
+    let (_, want) = reference_prompt();
+    let stop: String = want.chars().skip(8).take(3).collect();
+    let cut = want.find(&stop).expect("stop occurs");
+    for stop_param in [json!(stop), json!(["\u{1}never", stop])] {
+        let body = s.ok(
+            "/v1/completions",
+            &completion(
+                json!("The quick b"),
+                json!({"temperature": 0, "max_tokens": 32, "ignore_eos": true,
+                       "stop": stop_param}),
+            ),
+        );
+        assert_eq!(text_of(&body["choices"][0]), &want[..cut]);
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    }
+
+    // A large bias forces token 299 (" The").
+    let body = s.ok(
+        "/v1/completions",
+        &completion(
+            json!("Hi"),
+            json!({"temperature": 0, "max_tokens": 4, "ignore_eos": true,
+                   "logit_bias": {"299": 100}}),
+        ),
+    );
+    assert_eq!(text_of(&body["choices"][0]), " The The The The");
+
+    // vLLM's extensions are accepted; top_k 1 is greedy.
+    let greedy = s.ok(
+        "/v1/completions",
+        &completion(
+            json!("Hi"),
+            json!({"temperature": 0, "max_tokens": 8, "ignore_eos": true}),
+        ),
+    );
+    let top_k = s.ok(
+        "/v1/completions",
+        &completion(
+            json!("Hi"),
+            json!({"temperature": 0.8, "top_k": 1, "min_p": 0.1, "repetition_penalty": 1.0,
+                   "top_p": 0.9, "presence_penalty": 0, "frequency_penalty": 0,
+                   "max_tokens": 8, "ignore_eos": true, "user": "someone", "seed": 3}),
+        ),
+    );
+    assert_eq!(
+        text_of(&top_k["choices"][0]),
+        text_of(&greedy["choices"][0])
+    );
+}
+
+// ---- errors ------------------------------------------------------------------------
+
+#[test]
+fn invalid_parameters_are_400_naming_the_field() {
+    let s = Server::start(&[]);
+    let cases = [
+        (
+            json!({"temperature": 3}),
+            "temperature",
+            "`temperature` must be in [0, 2]. Given: 3",
+        ),
+        (json!({"top_p": 0}), "top_p", "`top_p` must be in (0, 1]"),
+        (json!({"n": 0}), "n", "`n` must be in [1, 128]. Given: 0"),
+        (
+            json!({"max_tokens": 0}),
+            "max_tokens",
+            "`max_tokens` must be >= 1. Given: 0",
+        ),
+        (
+            json!({"presence_penalty": 5}),
+            "presence_penalty",
+            "`presence_penalty` must be in [-2, 2]",
+        ),
+        (
+            json!({"frequency_penalty": -3}),
+            "frequency_penalty",
+            "`frequency_penalty`",
+        ),
+        (json!({"top_k": -2}), "top_k", "`top_k`"),
+        (json!({"min_p": 2}), "min_p", "`min_p` must be in [0, 1]"),
+        (
+            json!({"repetition_penalty": 0}),
+            "repetition_penalty",
+            "`repetition_penalty`",
+        ),
+        (
+            json!({"logit_bias": {"abc": 1}}),
+            "logit_bias",
+            "`logit_bias` keys must be token ids",
+        ),
+        (json!({"logit_bias": {"99999": 1}}), "logit_bias", "< 384"),
+        (
+            json!({"logit_bias": {"5": 500}}),
+            "logit_bias",
+            "[-100, 100]",
+        ),
+        (
+            json!({"top_logprobs": 2}),
+            "top_logprobs",
+            "requires `logprobs`",
+        ),
+        (
+            json!({"logprobs": true, "top_logprobs": 50}),
+            "top_logprobs",
+            "[0, 20]",
+        ),
+        (
+            json!({"stream_options": {"include_usage": true}}),
+            "stream_options",
+            "`stream`",
+        ),
+        (
+            json!({"temperature": "hot"}),
+            "temperature",
+            "`temperature`",
+        ),
+        (json!({"stop": 3}), "stop", "a string or a list of strings"),
+        (
+            json!({"messages": []}),
+            "messages",
+            "`messages` must hold at least one message",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            "messages[0].content[0]",
+            "only text parts",
+        ),
+        (
+            json!({"messages": [{"content": "no role"}]}),
+            "messages[0].role",
+            "missing field `role`",
+        ),
+        (json!({"messages": null}), "messages", "`messages`"),
+    ];
+    for (extra, param, message) in cases {
+        let body = chat("Hi", extra.clone());
+        let (status, reply) = s.post("/v1/chat/completions", &body);
+        let e = error_of(status, &reply, 400);
+        assert_eq!(e["type"], "invalid_request_error", "{extra}: {reply}");
+        assert_eq!(e["param"], param, "{extra}: {reply}");
+        let got = e["message"].as_str().unwrap_or("");
+        assert!(got.contains(message), "{extra}: {got:?} lacks {message:?}");
+    }
+
+    let completion_cases = [
+        (json!({"prompt": []}), "prompt", "must not be an empty list"),
+        (
+            json!({"prompt": [1, 99999]}),
+            "prompt",
+            "`prompt` token ids must be in [0, 384). Given: 99999",
+        ),
+        (
+            json!({"prompt": 3}),
+            "prompt",
+            "a string, a list of strings",
+        ),
+        (
+            json!({"prompt": "Hi", "logprobs": 21}),
+            "logprobs",
+            "`logprobs` must be in [0, 20]",
+        ),
+        (
+            json!({"prompt": "Hi", "max_tokens": 0}),
+            "max_tokens",
+            ">= 1",
+        ),
+        (json!({"prompt": "", "max_tokens": 3}), "prompt", "empty"),
+    ];
+    for (body, param, message) in completion_cases {
+        let (status, reply) = s.post("/v1/completions", &body);
+        let e = error_of(status, &reply, 400);
+        assert_eq!(e["param"], param, "{body}: {reply}");
+        let got = e["message"].as_str().unwrap_or("");
+        assert!(got.contains(message), "{body}: {got:?} lacks {message:?}");
+    }
+
+    // Malformed JSON goes through the same error shape.
+    let (status, reply) = s.post_with("/v1/chat/completions", r#"{"messages": ["#, &[]);
+    let e = error_of(status, &reply, 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not valid JSON"),
+        "{reply}"
+    );
+    let (status, reply) = s.post_with("/v1/completions", "[1, 2]", &[]);
+    error_of(status, &reply, 400);
+
+    // The server still serves.
+    s.ok(
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 2})),
+    );
+    assert!(s.metric("taper_http_requests_total{status=\"400\"}") >= 29.0);
+}
+
+#[test]
+fn prompts_that_do_not_fit_are_context_length_exceeded() {
+    let s = Server::start(&[]);
+    let (status, reply) = s.post(
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 600})),
+    );
+    let e = error_of(status, &reply, 400);
+    assert_eq!(e["code"], "context_length_exceeded", "{reply}");
+    assert!(
+        e["message"].as_str().unwrap_or("").contains("512"),
+        "{reply}"
+    );
+
+    let long: Vec<u32> = (0..600).map(|i| 100 + (i % 50)).collect();
+    let (status, reply) = s.post("/v1/completions", &completion(json!(long), json!({})));
+    let e = error_of(status, &reply, 400);
+    assert_eq!(e["code"], "context_length_exceeded", "{reply}");
+    assert_eq!(e["param"], "prompt", "{reply}");
+
+    // Without max_tokens a prompt gets what is left of the context.
+    let fits: Vec<u32> = (0..500).map(|i| 100 + (i % 50)).collect();
+    let body = s.ok(
+        "/v1/completions",
+        &completion(json!(fits), json!({"ignore_eos": true})),
+    );
+    assert_eq!(body["usage"]["completion_tokens"], 12);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+}
+
+#[test]
+fn api_keys_are_checked_on_v1_only() {
+    for s in [
+        Server::start(&["--api-key", "sesame"]),
+        Server::start_with_env(&[], &[("TAPER_API_KEY", "sesame")]),
+    ] {
+        let body = chat("Hi", json!({"max_tokens": 2})).to_string();
+        let (status, reply) = s.post_with("/v1/chat/completions", &body, &[]);
+        let e = error_of(status, &reply, 401);
+        assert_eq!(e["code"], "invalid_api_key");
+        let (status, reply) = s.post_with(
+            "/v1/chat/completions",
+            &body,
+            &[("Authorization", "Bearer wrong")],
+        );
+        error_of(status, &reply, 401);
+        let (status, reply) = s.post_with(
+            "/v1/chat/completions",
+            &body,
+            &[("Authorization", "Bearer sesame")],
+        );
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(s.get("/v1/models").0, 401);
+        assert_eq!(s.get("/health").0, 200);
+        assert_eq!(s.get("/metrics").0, 200);
+    }
+}
+
+#[test]
+fn unknown_models_and_routes_are_404() {
+    let s = Server::start(&[]);
+    let mut body = chat("Hi", json!({"max_tokens": 2}));
+    body["model"] = json!("gpt-17");
+    let (status, reply) = s.post("/v1/chat/completions", &body);
+    let e = error_of(status, &reply, 404);
+    assert_eq!(e["code"], "model_not_found");
+    assert_eq!(e["param"], "model");
+    let (status, reply) = s.post("/v1/completions", &json!({"model": "x", "prompt": "Hi"}));
+    assert_eq!(error_of(status, &reply, 404)["code"], "model_not_found");
+    let (status, reply) = s.post("/v1/embeddings", &json!({"input": "x"}));
+    error_of(status, &reply, 404);
+    let (status, text) = s.get("/v2/anything");
+    let reply: Value = serde_json::from_str(&text).expect("json");
+    error_of(status, &reply, 404);
+    // A known route with the wrong method.
+    let (status, text) = s.get("/v1/chat/completions");
+    let reply: Value = serde_json::from_str(&text).expect("json");
+    error_of(status, &reply, 405);
+    // Leaving the model out is fine.
+    let mut body = chat("Hi", json!({"max_tokens": 2}));
+    body.as_object_mut().map(|o| o.remove("model"));
+    s.ok("/v1/chat/completions", &body);
+}
+
+/// Sends a raw request with a large body from another thread and reads the
+/// response, which the server may send before reading the whole body.
+fn raw_post(port: u16, path: &str, headers: &str, body: Vec<u8>) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(head.as_bytes());
+        let _ = writer.write_all(&body);
+    });
+    let mut response = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = sender.join();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn oversized_bodies_are_413() {
+    let s = Server::start(&[]);
+    let mut big = br#"{"model": "tiny-qwen2", "prompt": ""#.to_vec();
+    big.extend(std::iter::repeat_n(b'a', 5 * 1024 * 1024));
+    big.extend(br#""}"#);
+    let response = raw_post(s.port, "/v1/completions", "", big);
+    assert!(
+        response.starts_with("HTTP/1.1 413"),
+        "{}",
+        &response[..response.len().min(300)]
+    );
+    assert!(response.contains("request_too_large"), "{response}");
+    // The server still serves.
+    s.ok(
+        "/v1/completions",
+        &completion(json!("Hi"), json!({"max_tokens": 1})),
+    );
+}
+
+#[test]
+fn a_full_queue_is_429_and_the_server_keeps_serving() {
+    let s = Server::start(&["--max-batch", "1", "--max-queue", "1"]);
+    // Three choices need three places; one runs and one waits.
+    let (status, reply) = s.post(
+        "/v1/completions",
+        &completion(json!("Hi"), json!({"n": 3, "max_tokens": 4})),
+    );
+    let e = error_of(status, &reply, 429);
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    // The two that were queued are cancelled; their places come back.
+    s.eventually("the queue to drain", |s| {
+        s.metric("taper_requests_running") == 0.0 && s.metric("taper_requests_waiting") == 0.0
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, reply) = s.post(
+            "/v1/completions",
+            &completion(json!("Hi"), json!({"n": 2, "max_tokens": 4})),
+        );
+        if status == 200 {
+            assert_eq!(reply["choices"].as_array().map(Vec::len), Some(2));
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {reply}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---- streams, cancellation, shutdown ------------------------------------------------
+
+/// Opens a streamed completion over a raw socket and reads until the first
+/// chunk with text; returns the socket (still open) and what was read.
+fn open_stream(port: u16, body: &Value) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let body = body.to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("send");
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("\"text\":") {
+        let n = stream.read(&mut buf).expect("read");
+        assert!(n > 0, "the stream closed early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    (stream, seen)
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    let s = Server::start(&[]);
+    // Everything that fits: ~500 tokens, far longer than the test needs.
+    let body = completion(
+        json!("Hi"),
+        json!({"stream": true, "ignore_eos": true, "temperature": 0}),
+    );
+    let (stream, _) = open_stream(s.port, &body);
+    drop(stream);
+    s.eventually("the cancellation", |s| {
+        s.metric("taper_requests_cancelled_total") >= 1.0
+            && s.metric("taper_requests_running") == 0.0
+    });
+    let generated = s.metric("taper_generation_tokens_total");
+    assert!(generated < 500.0, "generation went on: {generated} tokens");
+}
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let mut s = Server::start(&[]);
+    let body = completion(
+        json!("Hi"),
+        json!({"stream": true, "ignore_eos": true, "temperature": 0, "max_tokens": 400,
+               "stream_options": {"include_usage": true}}),
+    );
+    let (mut stream, mut seen) = open_stream(s.port, &body);
+    let kill = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    stream
+        .read_to_string(&mut seen)
+        .expect("the stream reads to its end");
+    assert!(seen.contains("\"finish_reason\":\"length\""), "{seen}");
+    assert!(seen.contains("\"completion_tokens\":400"), "{seen}");
+    assert!(seen.contains("data: [DONE]"), "{seen}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = s.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn cors_headers_for_allowed_origins() {
+    let s = Server::start(&["--cors-allow-origin", "https://example.com"]);
+    let r = s
+        .agent
+        .get(&s.url("/v1/models"))
+        .set("Origin", "https://example.com")
+        .call()
+        .expect("models");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://example.com")
+    );
+    let r = s
+        .agent
+        .get(&s.url("/v1/models"))
+        .set("Origin", "https://evil.example")
+        .call()
+        .expect("models");
+    assert_eq!(r.header("access-control-allow-origin"), None);
+}
