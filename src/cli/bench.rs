@@ -57,7 +57,9 @@ pub struct BenchArgs {
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     repetitions: usize,
 
-    /// CPU threads [default: physical cores available to the process].
+    /// CPU threads for candle's matmuls and pools; sets (and overrides)
+    /// RAYON_NUM_THREADS and CANDLE_NUM_THREADS [default: physical cores
+    /// available to the process].
     #[arg(short = 't', long)]
     threads: Option<usize>,
 
