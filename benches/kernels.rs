@@ -48,6 +48,48 @@ fn bench_shape(c: &mut Criterion, cols: usize, rows: usize, tokens: usize) {
     group.finish();
 }
 
+/// Every projection of one Qwen2.5-0.5B decode step (24 layers of q, k, v,
+/// o, gate, up, down, then the head): 525 MB of Q8_0 weights, far more than
+/// any cache, so this measures streaming from memory plus the pool's
+/// per-product synchronisation, as a real decode step sees them.
+fn decode_step(c: &mut Criterion) {
+    let (h, inter, kv, vocab) = (896, 4864, 128, 151_936);
+    let mut shapes = Vec::new();
+    for _ in 0..24 {
+        shapes.extend([
+            (h, h),
+            (h, kv),
+            (h, kv),
+            (h, h),
+            (h, inter),
+            (h, inter),
+            (inter, h),
+        ]);
+    }
+    shapes.push((h, vocab));
+    let mats: Vec<Q8Matrix> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(cols, rows))| {
+            Q8Matrix::quantize(&values(rows * cols, i as u64, 0.05), rows, cols).expect("quantize")
+        })
+        .collect();
+    let bytes: usize = mats.iter().map(Q8Matrix::size_bytes).sum();
+    let xs: Vec<Vec<f32>> = [h, inter].iter().map(|&n| values(n, 7, 1.0)).collect();
+    let mut group = c.benchmark_group("qwen2.5-0.5b decode step (projections)");
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.sample_size(20);
+    group.bench_function("q8_0", |b| {
+        b.iter(|| {
+            for m in &mats {
+                let x = if m.cols() == h { &xs[0] } else { &xs[1] };
+                std::hint::black_box(m.matmul(x, 1).expect("matmul"));
+            }
+        })
+    });
+    group.finish();
+}
+
 fn kernels(c: &mut Criterion) {
     bench_shape(c, 896, 4864, 1);
     bench_shape(c, 4864, 896, 1);
@@ -55,5 +97,5 @@ fn kernels(c: &mut Criterion) {
     bench_shape(c, 896, 4864, 64);
 }
 
-criterion_group!(benches, kernels);
+criterion_group!(benches, kernels, decode_step);
 criterion_main!(benches);

@@ -148,6 +148,10 @@ pub enum Error {
     /// A failure inside candle while computing.
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+
+    /// An HTTP exchange with a server failed (`taper bench serve`).
+    #[error("{url}: {message}")]
+    Http { url: String, message: String },
 }
 
 /// The library's result type.

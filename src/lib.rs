@@ -7,6 +7,7 @@
 //! ([`kv_cache`]), owned outside the model so a scheduler can batch them.
 
 pub mod bench;
+pub mod bench_serve;
 pub mod chat_template;
 pub mod config;
 pub mod device;

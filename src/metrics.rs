@@ -92,6 +92,16 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub prefix_cache_hit_tokens: Counter,
+    /// Admissions that looked up the prefix cache, and those that hit.
+    pub prefix_cache_queries: Counter,
+    pub prefix_cache_hits: Counter,
+    /// KV blocks in the budget, in use (sequences and prefix cache), and
+    /// held by the prefix cache alone (evictable).
+    pub kv_blocks_total: Gauge,
+    pub kv_blocks_used: Gauge,
+    pub kv_blocks_cached: Gauge,
+    /// Running sequences sent back to the queue to free KV memory.
+    pub preempted: Counter,
     pub cancelled: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
@@ -159,6 +169,42 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "taper_prefix_cache_queries_total",
+            "Admissions that looked up the prefix cache.",
+            self.prefix_cache_queries.get(),
+        );
+        counter(
+            &mut out,
+            "taper_prefix_cache_hits_total",
+            "Admissions that reused at least one cached KV block.",
+            self.prefix_cache_hits.get(),
+        );
+        gauge(
+            &mut out,
+            "taper_kv_blocks_total",
+            "KV cache blocks the memory budget holds.",
+            self.kv_blocks_total.get(),
+        );
+        gauge(
+            &mut out,
+            "taper_kv_blocks_used",
+            "KV cache blocks in use, by sequences and the prefix cache.",
+            self.kv_blocks_used.get(),
+        );
+        gauge(
+            &mut out,
+            "taper_kv_blocks_cached",
+            "KV cache blocks held by the prefix cache (evicted first).",
+            self.kv_blocks_cached.get(),
+        );
+        counter(
+            &mut out,
+            "taper_requests_preempted_total",
+            "Running sequences sent back to the queue to free KV memory.",
+            self.preempted.get(),
+        );
+        counter(
+            &mut out,
             "taper_requests_cancelled_total",
             "Requests cancelled by their client.",
             self.cancelled.get(),
@@ -172,7 +218,7 @@ impl Metrics {
         self.time_to_first_token.render(
             &mut out,
             "taper_time_to_first_token_seconds",
-            "Time from admission to the first token.",
+            "Time from submission (queueing included) to the first token.",
         );
         self.inter_token_latency.render(
             &mut out,

@@ -972,6 +972,118 @@ fn a_full_queue_is_429_and_the_server_keeps_serving() {
     }
 }
 
+// ---- scheduling: chunked prefill, the KV budget, prefix caching (issue #5) ----
+
+/// A greedy completion of token ids: its text.
+fn greedy_text(s: &Server, prompt: &[u32], max_tokens: usize) -> String {
+    let reply = s.ok(
+        "/v1/completions",
+        &completion(
+            json!(prompt),
+            json!({"max_tokens": max_tokens, "temperature": 0, "ignore_eos": true}),
+        ),
+    );
+    text_of(&reply["choices"][0])
+}
+
+#[test]
+fn concurrent_requests_under_a_tight_kv_budget_match_sequential_ones() {
+    // The fixture's KV takes 768 bytes a position: 96 KiB is 8 blocks of
+    // 16 positions, less than the six requests need together, and prompts
+    // go in chunks of at most 16 tokens.
+    let s = Server::start(&[
+        "--kv-cache-mem",
+        "96KiB",
+        "--max-batched-tokens",
+        "16",
+        "--no-prefix-cache",
+    ]);
+    assert_eq!(s.metric("taper_kv_blocks_total"), 8.0);
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| {
+            (0..(10 + 9 * i))
+                .map(|t| ((t * 5 + i * 31) % 380) as u32)
+                .collect()
+        })
+        .collect();
+    let alone: Vec<String> = prompts.iter().map(|p| greedy_text(&s, p, 24)).collect();
+    let together: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| scope.spawn(|| greedy_text(&s, p, 24)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
+    });
+    assert_eq!(together, alone);
+    assert!(
+        s.metric("taper_kv_blocks_used") == 0.0,
+        "every block is free again"
+    );
+}
+
+#[test]
+fn a_repeated_system_prompt_is_served_from_the_prefix_cache() {
+    let s = Server::start(&[]);
+    let system: Vec<u32> = (0..80).map(|t| (t * 3 % 380) as u32).collect();
+    let ask = |q: u32| {
+        let mut p = system.clone();
+        p.extend([q, q + 1, q + 2]);
+        p
+    };
+    greedy_text(&s, &ask(1), 4);
+    assert_eq!(s.metric("taper_prefix_cache_hits_total"), 0.0);
+    let cached = greedy_text(&s, &ask(7), 6);
+    // 80 shared tokens: five whole blocks.
+    assert_eq!(s.metric("taper_prefix_cache_hits_total"), 1.0);
+    assert_eq!(s.metric("taper_prefix_cache_hit_tokens_total"), 80.0);
+
+    let fresh = Server::start(&["--no-prefix-cache"]);
+    assert_eq!(greedy_text(&fresh, &ask(7), 6), cached);
+    assert_eq!(fresh.metric("taper_prefix_cache_hits_total"), 0.0);
+}
+
+#[test]
+fn bench_serve_measures_a_live_server() {
+    let s = Server::start(&[]);
+    let url = format!("http://127.0.0.1:{}", s.port);
+    let o = Command::new(env!("CARGO_BIN_EXE_taper"))
+        .args([
+            "bench",
+            "serve",
+            "--url",
+            &url,
+            "-c",
+            "3",
+            "--requests",
+            "6",
+        ])
+        .args(["--prompt-tokens", "20", "--shared-prefix-tokens", "32"])
+        .args(["--max-tokens", "5", "--max-token-id", "380", "-o", "json"])
+        .output()
+        .expect("taper runs");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let r: Value = serde_json::from_slice(&o.stdout).expect("stdout is only JSON");
+    assert_eq!(r["model"], NAME);
+    assert_eq!(
+        (r["completed"].as_u64(), r["failed"].as_u64()),
+        (Some(6), Some(0))
+    );
+    assert_eq!(r["total_input_tokens"], 6 * 52);
+    assert_eq!(r["total_output_tokens"], 6 * 5);
+    for key in ["ttft", "itl", "tpot", "e2e_latency"] {
+        let p50 = r[key]["p50_ms"].as_f64().expect("p50");
+        let p99 = r[key]["p99_ms"].as_f64().expect("p99");
+        assert!(p50 > 0.0 && p50 <= p99, "{key}: {}", r[key]);
+    }
+    assert!(r["output_throughput"].as_f64().expect("rate") > 0.0);
+    // The warm-up request left the shared prefix's two blocks cached.
+    assert!(s.metric("taper_prefix_cache_hits_total") >= 6.0);
+}
+
 // ---- streams, cancellation, shutdown ------------------------------------------------
 
 /// Opens a streamed completion over a raw socket and reads until the first
@@ -1014,6 +1126,11 @@ fn a_client_that_disconnects_cancels_its_generation() {
     });
     let generated = s.metric("taper_generation_tokens_total");
     assert!(generated < 500.0, "generation went on: {generated} tokens");
+    // Its blocks are free at once, or kept only by the prefix cache.
+    assert_eq!(
+        s.metric("taper_kv_blocks_used"),
+        s.metric("taper_kv_blocks_cached")
+    );
 }
 
 #[test]

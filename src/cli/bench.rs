@@ -1,4 +1,6 @@
-//! `taper bench`: `llama-bench`'s flags and report over [`taper::bench`].
+//! `taper bench`: `llama-bench`'s flags and report over [`taper::bench`];
+//! `taper bench serve`: a load test of a running server over
+//! [`taper::bench_serve`].
 //!
 //! Flags become a list of tests (one row each), the CPU thread count is
 //! fixed before the model loads, the memory bandwidth is measured on the
@@ -8,21 +10,36 @@
 use std::path::Path;
 
 use anyhow::bail;
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use taper::bench::{self, Bandwidth, Measurement, Runner};
+use taper::bench_serve::{self, ServeBench};
 use taper::device::DeviceSpec;
 use taper::quant::Quant;
 
 use super::ModelArgs;
 
-/// Flags of `taper bench`.
+/// `taper bench [FLAGS]` (a model's speed) or `taper bench serve [FLAGS]`
+/// (a server's).
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchCli {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+
+    /// Absent with `serve`. (Only a struct without flattened fields can be
+    /// an optional flatten: clap leaves nested groups empty.)
+    #[command(flatten)]
+    model: Option<ModelArgs>,
+
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+/// Flags of `taper bench` besides the model's.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-
     /// Prompt lengths, comma-separated: one `ppN` row each (one forward
     /// pass over N tokens); 0 skips prompt rows.
     #[arg(
@@ -81,6 +98,126 @@ pub struct BenchArgs {
     seed: u64,
 }
 
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Load-test a running server over HTTP (vLLM's benchmark_serving
+    /// method): concurrent streaming clients, requests/s, output tokens/s,
+    /// TTFT and inter-token latency percentiles.
+    Serve(ServeBenchArgs),
+}
+
+/// Flags of `taper bench serve`.
+#[derive(Debug, Args)]
+pub struct ServeBenchArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+
+    /// The model name to request [default: the first /v1/models lists].
+    #[arg(long)]
+    model: Option<String>,
+
+    /// Clients streaming at once.
+    #[arg(short = 'c', long, default_value_t = 1)]
+    concurrency: usize,
+
+    /// Requests to complete (timed).
+    #[arg(long, default_value_t = 16)]
+    requests: usize,
+
+    /// Random prompt tokens per request (after the shared prefix).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+
+    /// Tokens every prompt starts with, the same in all requests (a system
+    /// prompt), to measure prefix caching.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_tokens: usize,
+
+    /// Tokens generated per request (with ignore_eos).
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+
+    /// Untimed requests sent first, one at a time.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+
+    /// Prompt token ids are drawn below this id (keep it under the
+    /// model's vocabulary size).
+    #[arg(long, default_value_t = 10_000)]
+    max_token_id: u32,
+
+    /// Seed of the random prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    /// Sent as `Authorization: Bearer KEY`.
+    #[arg(long, env = "TAPER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+
+    /// Seconds one request may take.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+
+    /// Report format on stdout.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
+    output: ServeFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ServeFormat {
+    Md,
+    Json,
+}
+
+fn run_serve(args: ServeBenchArgs) -> anyhow::Result<()> {
+    if args.concurrency == 0 {
+        bail!("`-c/--concurrency` must be >= 1. Given: 0");
+    }
+    if args.requests == 0 {
+        bail!("`--requests` must be >= 1. Given: 0");
+    }
+    if args.prompt_tokens + args.shared_prefix_tokens == 0 {
+        bail!("`--prompt-tokens` plus `--shared-prefix-tokens` must be >= 1. Given: 0");
+    }
+    let bench = ServeBench {
+        url: args.url,
+        model: args.model,
+        concurrency: args.concurrency,
+        requests: args.requests,
+        warmup: args.warmup,
+        prompt_tokens: args.prompt_tokens,
+        shared_prefix_tokens: args.shared_prefix_tokens,
+        max_tokens: args.max_tokens,
+        max_token_id: args.max_token_id,
+        seed: args.seed,
+        api_key: args.api_key,
+        timeout: std::time::Duration::from_secs(args.timeout),
+    };
+    eprintln!(
+        "{} requests, {} at once, {} prompt tokens ({} shared), {} new tokens each, against {}",
+        bench.requests,
+        bench.concurrency,
+        bench.prompt_tokens + bench.shared_prefix_tokens,
+        bench.shared_prefix_tokens,
+        bench.max_tokens,
+        bench.url
+    );
+    let report = bench_serve::run(&bench)?;
+    let out = match args.output {
+        ServeFormat::Md => bench_serve::markdown(&report),
+        ServeFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
+    };
+    print!("{out}");
+    if report.completed == 0 {
+        bail!(
+            "every request failed: {}",
+            report.first_error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     Md,
@@ -93,7 +230,15 @@ enum Format {
 /// the one least disturbed).
 const BANDWIDTH_RUNS: usize = 10;
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(cli: BenchCli) -> anyhow::Result<()> {
+    match (cli.command, cli.model) {
+        (Some(BenchCommand::Serve(serve)), _) => run_serve(serve),
+        (None, Some(model)) => run_model(model, cli.bench),
+        (None, None) => bail!("`taper bench` needs --model MODEL (or `taper bench serve`)"),
+    }
+}
+
+fn run_model(model_args: ModelArgs, args: BenchArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 {
         bail!("`-r/--repetitions` must be >= 1. Given: 0");
     }
@@ -109,8 +254,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("warning: candle reports {candle_threads} threads, not {threads}");
     }
 
-    let on_cpu = args.model.device.parse::<DeviceSpec>()? == DeviceSpec::Cpu;
-    let quant = args.model.quant.parse::<Quant>()?;
+    let on_cpu = model_args.device.parse::<DeviceSpec>()? == DeviceSpec::Cpu;
+    let quant = model_args.quant.parse::<Quant>()?;
     // Measured before loading, so the buffer and the weights are never
     // resident together.
     let bandwidth = (on_cpu && args.bandwidth_mib > 0).then(|| {
@@ -121,7 +266,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bench::memory_read_bandwidth(args.bandwidth_mib << 20, threads, BANDWIDTH_RUNS)
     });
 
-    let pipeline = args.model.load()?;
+    let pipeline = model_args.load()?;
     let model = &pipeline.model;
     let max = model.config().max_position_embeddings;
     if let Some(t) = tests.iter().find(|t| t.context() > max) {
@@ -148,14 +293,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "CPU"
     };
     let info = ModelInfo {
-        model: args.model.model.clone(),
-        name: short_name(&args.model.model),
+        model: model_args.model.clone(),
+        name: short_name(&model_args.model),
         architecture: model.config().architecture.class_name().to_string(),
         size_bytes: model.weight_bytes(),
         n_params: model.num_parameters(),
         dtype: model.dtype().as_str().to_string(),
         quant: (quant != Quant::None).then(|| quant.to_string()),
-        device: args.model.device.clone(),
+        device: model_args.device.clone(),
         backend: backend.to_string(),
         threads,
         bytes_per_token: bench::weight_bytes_per_token(model, quant),

@@ -15,8 +15,7 @@ use clap::Args;
 use rustyline::error::ReadlineError;
 
 use taper::chat_template::Message;
-use taper::engine::{self, Request};
-use taper::kv_cache::SeqKvCache;
+use taper::engine::{Engine, EngineLimits, Request};
 use taper::pipeline::Pipeline;
 use taper::stopping::FinishReason;
 
@@ -52,8 +51,9 @@ struct Chat<'p> {
     sampling: SamplingArgs,
     system: Option<String>,
     messages: Vec<Message>,
-    /// The last reply's cache, so the next turn computes only what is new.
-    pool: Vec<SeqKvCache>,
+    /// One engine for the whole session: its prefix cache keeps the last
+    /// reply's KV, so the next turn computes only what is new.
+    engine: Engine,
     cancel: Arc<AtomicBool>,
 }
 
@@ -69,8 +69,16 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     args.sampling.params(&pipeline)?;
     let cancel = Arc::new(AtomicBool::new(false));
     super::cancel_on_ctrl_c(cancel.clone())?;
+    let engine = Engine::new(
+        Arc::clone(&pipeline),
+        EngineLimits {
+            max_batch: 1,
+            ..EngineLimits::default()
+        },
+        Arc::default(),
+    );
     let mut chat = Chat {
-        pool: Vec::new(),
+        engine,
         pipeline: &pipeline,
         sampling: args.sampling,
         system: args.system,
@@ -245,7 +253,7 @@ impl Chat<'_> {
         self.cancel.store(false, Ordering::SeqCst);
         let outcome = super::Outcome::default();
         let sink = super::stdout_sink(self.cancel.clone(), outcome.clone());
-        let ran = engine::run_one(Arc::clone(p), request, sink, &mut self.pool);
+        let ran = self.engine.run_one(request, sink);
         self.cancel.store(false, Ordering::SeqCst);
         ran?;
         let gen = outcome.take()?;

@@ -70,7 +70,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let outcome = super::Outcome::default();
     let sink = super::stdout_sink(cancel, outcome.clone());
     let prompt_len = request.prompt.len();
-    engine::run_one(pipeline, request, sink, &mut Vec::new())?;
+    engine::run_one(pipeline, request, sink)?;
     let done = outcome.take()?;
     if done.stdout_closed {
         // `taper generate ... | head`: the reader has what it wanted.

@@ -40,7 +40,7 @@ enum Command {
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
     /// Measure prompt processing and generation speed (llama-bench's method).
-    Bench(bench::BenchArgs),
+    Bench(bench::BenchCli),
 }
 
 /// Parses the command line and runs the chosen command.

@@ -65,13 +65,7 @@ impl ModelArgs {
             spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
         let start = Instant::now();
-        let loaded = Pipeline::load(
-            &files,
-            dtype,
-            &device,
-            quant,
-            self.chat_template.as_deref(),
-        );
+        let loaded = Pipeline::load(&files, dtype, &device, quant, self.chat_template.as_deref());
         spinner.finish_and_clear();
         let pipeline = loaded.with_context(|| format!("loading model '{}'", self.model))?;
         let cfg = pipeline.model.config();

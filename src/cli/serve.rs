@@ -55,6 +55,22 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
 
+    /// Tokens one forward pass computes at most: each running decode takes
+    /// one, then prompts are computed in chunks up to this total, so a long
+    /// prompt does not stall the streams already running.
+    #[arg(long, default_value_t = 512)]
+    max_batched_tokens: usize,
+
+    /// Memory for the KV cache: a size such as 512MiB, 4GiB or 1.5G (a bare
+    /// number is MiB) [default: what --max-batch sequences of the full
+    /// context need, at most 25% of the memory available].
+    #[arg(long, value_parser = parse_mem_size)]
+    kv_cache_mem: Option<usize>,
+
+    /// Keep no KV of finished requests for later ones sharing their prefix.
+    #[arg(long)]
+    no_prefix_cache: bool,
+
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -63,6 +79,9 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_batch == 0 {
         bail!("--max-batch must be at least 1");
+    }
+    if args.max_batched_tokens == 0 {
+        bail!("--max-batched-tokens must be at least 1");
     }
     for origin in &args.cors_allow_origin {
         let ok = origin == "*"
@@ -115,12 +134,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let state = state.clone();
         let limits = EngineLimits {
             max_batch: args.max_batch,
+            max_batched_tokens: args.max_batched_tokens,
+            kv_cache_bytes: args.kv_cache_mem,
+            prefix_cache: !args.no_prefix_cache,
             ..EngineLimits::default()
         };
         async move {
             let pipeline = rx.await.context("the loading thread died")??;
             let defaults = defaults(&args.sampling, &pipeline)?;
+            let context = pipeline.context_len();
             let engine = EngineHandle::spawn(Arc::new(pipeline), limits, args.max_queue, metrics)?;
+            let kv = engine.kv_budget();
+            eprintln!(
+                "KV cache: {} MiB, {} blocks of {} positions ({} positions)",
+                kv.bytes() >> 20,
+                kv.total_blocks,
+                kv.block_size,
+                kv.positions()
+            );
+            if kv.positions() < context {
+                eprintln!(
+                    "warning: the KV cache holds fewer positions than the model's context ({context}): \
+                     a sequence that outgrows it alone ends with finish_reason `length`"
+                );
+            }
             state.set_ready(Ready::new(engine, defaults));
             eprintln!("ready: serving {}", state.config().served_model_name);
             std::future::pending::<anyhow::Result<()>>().await
@@ -145,4 +182,45 @@ fn defaults(flags: &SamplingArgs, pipeline: &Pipeline) -> anyhow::Result<Default
     d.stop = flags.stop.clone();
     d.ignore_eos = flags.ignore_eos;
     Ok(d)
+}
+
+/// `--kv-cache-mem`: bytes from `512MiB`, `4GiB`, `1.5G`, `800M`, `2048`
+/// (MiB).
+fn parse_mem_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 512MiB or 4GiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => (1u64 << 20) as f64,
+        "g" | "gb" | "gib" => (1u64 << 30) as f64,
+        "k" | "kb" | "kib" => 1024.0,
+        _ => return Err(format!("`{s}`: the unit must be KiB, MiB or GiB")),
+    };
+    let bytes = value * scale;
+    if !(bytes >= 1.0) {
+        return Err(format!("`{s}` must be more than zero"));
+    }
+    Ok(bytes as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mem_size;
+
+    #[test]
+    fn memory_sizes_read_in_binary_units() {
+        assert_eq!(parse_mem_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_mem_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_mem_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_mem_size("2048"), Ok(2048 << 20));
+        assert_eq!(parse_mem_size("64 kb"), Ok(64 << 10));
+        assert!(parse_mem_size("0").is_err());
+        assert!(parse_mem_size("lots").is_err());
+        assert!(parse_mem_size("3TB").is_err());
+    }
 }

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::{Engine, EngineLimits, Event, Request};
+use super::{Engine, EngineLimits, Event, KvBudget, Request, Sink};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::{Error, Result};
@@ -26,6 +26,7 @@ pub struct EngineHandle {
     /// Requests submitted and not yet finished, for the queue limit.
     in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
+    kv_budget: KvBudget,
 }
 
 /// Decrements the in-flight count when a request's sink is dropped.
@@ -34,6 +35,24 @@ struct InFlight(Arc<AtomicUsize>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request's events, sent to its caller's channel. A dropped receiver
+/// reads as closed, so a request still in the queue or part-way through
+/// its prompt is dropped before it produces anything.
+struct ChannelSink {
+    tx: UnboundedSender<Event>,
+    _in_flight: InFlight,
+}
+
+impl Sink for ChannelSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.tx.send(event).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 
@@ -48,6 +67,7 @@ impl EngineHandle {
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Command>();
         let mut engine = Engine::new(pipeline.clone(), limits, metrics.clone());
+        let kv_budget = engine.kv_budget();
         std::thread::Builder::new()
             .name("taper-engine".into())
             .spawn(move || loop {
@@ -79,7 +99,13 @@ impl EngineHandle {
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
             max_in_flight: limits.max_batch + max_queue,
+            kv_budget,
         })
+    }
+
+    /// The engine's KV budget in blocks.
+    pub fn kv_budget(&self) -> KvBudget {
+        self.kv_budget
     }
 
     pub fn pipeline(&self) -> &Arc<Pipeline> {
@@ -102,9 +128,9 @@ impl EngineHandle {
             )));
         }
         let (etx, erx) = unbounded_channel();
-        let sink = move |event: Event| {
-            let _keep = &guard;
-            etx.send(event).is_ok()
+        let sink = ChannelSink {
+            tx: etx,
+            _in_flight: guard,
         };
         self.tx
             .send(Command::Submit(request, Box::new(sink)))

@@ -31,6 +31,9 @@ pub enum Logits {
     Last,
     /// One row per new token (prompt logprobs, echo, tests).
     All,
+    /// None: a prompt chunk that is not the prompt's last (chunked prefill);
+    /// its rows skip the head. Its logits come back as `[0, vocab]`.
+    None,
 }
 
 /// One sequence in a forward pass: its new tokens and its cache.
@@ -381,6 +384,20 @@ impl Decoder {
     /// their keys and values to each sequence's cache, and returns each
     /// sequence's logits (`[1, vocab]` or `[tokens, vocab]`, f32).
     pub fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Tensor>> {
+        // The pass runs on one of rayon's worker threads, so the ~170
+        // parallel products of a decode step start from inside the pool:
+        // the starting worker takes its share and the others steal the rest.
+        // Started from outside, each product would instead wake the pool and
+        // put the caller to sleep until it finished, two context switches
+        // per product.
+        if rayon::current_thread_index().is_some() {
+            self.forward_in_pool(batch)
+        } else {
+            rayon::scope(|_| self.forward_in_pool(batch))
+        }
+    }
+
+    fn forward_in_pool(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Tensor>> {
         let c = &self.config;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -457,10 +474,15 @@ impl Decoder {
                     rows.extend(offset..offset + n);
                     counts.push(n as usize);
                 }
+                Logits::None => counts.push(0),
             }
             offset += n;
         }
         let n_rows = rows.len();
+        if n_rows == 0 {
+            let empty = Tensor::zeros((0, c.vocab_size), DType::F32, &self.device)?;
+            return Ok(vec![empty; counts.len()]);
+        }
         let rows = Tensor::from_vec(rows, n_rows, &self.device)?;
         let x = x.index_select(&rows, 0)?;
         let x = self.norm.forward(&x)?;
@@ -471,7 +493,11 @@ impl Decoder {
         let mut out = Vec::with_capacity(counts.len());
         let mut start = 0;
         for n in counts {
-            out.push(logits.narrow(0, start, n)?);
+            out.push(if n == 0 {
+                Tensor::zeros((0, c.vocab_size), DType::F32, &self.device)?
+            } else {
+                logits.narrow(0, start, n)?
+            });
             start += n;
         }
         Ok(out)
@@ -492,9 +518,10 @@ impl Decoder {
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let groups = nh / nkv;
-        let mut q = a.q.forward(h)?.reshape((t, nh, hd))?;
-        let mut k = a.k.forward(h)?.reshape((t, nkv, hd))?;
-        let v = a.v.forward(h)?.reshape((t, nkv, hd))?;
+        let [q, k, v] = Linear::forward_many([&a.q, &a.k, &a.v], h)?;
+        let mut q = q.reshape((t, nh, hd))?;
+        let mut k = k.reshape((t, nkv, hd))?;
+        let v = v.reshape((t, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use crate::config::{Activation, Rope, RopeScaling};
 use crate::quant::{self, Q8Matrix, Quant};
 use crate::weights::WeightStore;
-use crate::Result;
+use crate::{Error, Result};
 
 /// `y = x Wᵀ + b` on `[tokens, in]` inputs, with `W` dense or quantized.
 #[derive(Debug, Clone)]
@@ -94,15 +94,45 @@ impl Linear {
         }
     }
 
+    /// The projections of one input by several layers (q, k, v; gate, up).
+    /// When all are quantized they run as one parallel pass, sharing the
+    /// quantized input and one synchronisation of the thread pool.
+    pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let quantized: Option<Vec<&Q8Matrix>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Q8_0(q) => Some(q.as_ref()),
+                LinearWeight::Dense(_) => None,
+            })
+            .collect();
+        let ys = match quantized {
+            Some(ws) => quant::matmul_tensor_many(&ws, x)?
+                .into_iter()
+                .zip(layers)
+                .map(|(y, l)| l.add_bias(y))
+                .collect::<Result<Vec<_>>>()?,
+            None => layers
+                .iter()
+                .map(|l| l.forward(x))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        ys.try_into()
+            .map_err(|_| Error::InvalidRequest("one output per projection".into()))
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
             LinearWeight::Q8_0(q) => quant::matmul_tensor(q, x)?,
         };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        self.add_bias(y)
     }
 }
 
@@ -150,13 +180,12 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(x)?;
+        let [gate, up] = Linear::forward_many([&self.gate, &self.up], x)?;
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
             Activation::Gelu => gate.gelu_erf()?,
         };
-        let up = self.up.forward(x)?;
         self.down.forward(&(gate * up)?)
     }
 }

@@ -160,14 +160,14 @@ fn scalar<const T: usize>(t: &Tile<'_, T>, out: &mut [f32]) {
         for b in 0..t.blocks {
             let wb = &w[b * QK8_0..(b + 1) * QK8_0];
             let dw = ws[b].to_f32();
-            for k in 0..T {
+            for (k, acc) in acc.iter_mut().enumerate() {
                 let xb = &t.xq[k][b * QK8_0..(b + 1) * QK8_0];
                 let s: i32 = wb
                     .iter()
                     .zip(xb)
                     .map(|(&w, &x)| ((w ^ 0x80) as i8 as i32) * (x as i8 as i32))
                     .sum();
-                acc[k] += dw * t.xd[k][b] * s as f32;
+                *acc += dw * t.xd[k][b] * s as f32;
             }
         }
         out[r * T..(r + 1) * T].copy_from_slice(&acc);
@@ -175,6 +175,9 @@ fn scalar<const T: usize>(t: &Tile<'_, T>, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+// Index loops over the per-token register arrays read more plainly than
+// zipping four of them.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -258,11 +261,8 @@ mod x86 {
                         let xv = _mm256_loadu_si256(t.xq[k].as_ptr().add(off).cast());
                         let sx = _mm256_sign_epi8(xv, wv);
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                        acc[k] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(p),
-                            _mm256_set1_ps(c[k][i]),
-                            acc[k],
-                        );
+                        acc[k] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(c[k][i]), acc[k]);
                     }
                 }
                 g += 16;

@@ -21,7 +21,7 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Storage, Tensor};
 
 pub use kernels::Kernel;
-pub use q8_0::{Q8Activations, Q8Matrix, QK8_0};
+pub use q8_0::{matmul_many, Q8Activations, Q8Matrix, QK8_0};
 
 use crate::{Error, Result};
 
@@ -107,6 +107,34 @@ pub fn matmul_tensor(w: &Q8Matrix, x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
 }
 
+/// [`matmul_tensor`] for several matrices of the same width over the same
+/// `x`, in one parallel pass (see [`matmul_many`]).
+pub fn matmul_tensor_many(ws: &[&Q8Matrix], x: &Tensor) -> Result<Vec<Tensor>> {
+    if !x.device().is_cpu() {
+        return Err(Error::Device(CPU_ONLY.into()));
+    }
+    let dims = x.dims();
+    let cols = dims.last().copied().unwrap_or(0);
+    if let Some(w) = ws.iter().find(|w| w.cols() != cols) {
+        return Err(Error::InvalidRequest(format!(
+            "a Q8_0 projection of width {} got input of shape {dims:?}",
+            w.cols()
+        )));
+    }
+    let tokens = x.elem_count() / cols.max(1);
+    let ys = with_f32_slice(x, |data| matmul_many(Kernel::best(), ws, data, tokens))??;
+    ys.into_iter()
+        .zip(ws)
+        .map(|(y, w)| {
+            let mut shape = dims.to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = w.rows();
+            }
+            Ok(Tensor::from_vec(y, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,11 +160,28 @@ mod tests {
         let want = x.matmul(&w.t()?)?;
         let err = (y - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(err < 0.02 * scale, "error {err} against outputs up to {scale}");
+        assert!(
+            err < 0.02 * scale,
+            "error {err} against outputs up to {scale}"
+        );
         // A non-contiguous input goes through a copy and gives the same rows.
         let xt = x.t()?.contiguous()?.t()?;
         let y2 = matmul_tensor(&q, &xt)?;
-        assert_eq!(matmul_tensor(&q, &x)?.to_vec2::<f32>()?, y2.to_vec2::<f32>()?);
+        assert_eq!(
+            matmul_tensor(&q, &x)?.to_vec2::<f32>()?,
+            y2.to_vec2::<f32>()?
+        );
+        // Several matrices in one pass give what each gives alone.
+        let q2 = quantize_tensor(&Tensor::randn(0f32, 0.05, (17, 96), &dev)?)?;
+        let both = matmul_tensor_many(&[&q, &q2], &x)?;
+        assert_eq!(
+            both[0].to_vec2::<f32>()?,
+            matmul_tensor(&q, &x)?.to_vec2::<f32>()?
+        );
+        assert_eq!(
+            both[1].to_vec2::<f32>()?,
+            matmul_tensor(&q2, &x)?.to_vec2::<f32>()?
+        );
         // A wrong width is an error naming both.
         let err = matmul_tensor(&q, &Tensor::zeros((1, 95), DType::F32, &dev)?)
             .unwrap_err()

@@ -243,7 +243,10 @@ impl Q8Matrix {
     /// The integer of weight `(r, c)` and its block's scale.
     pub fn get(&self, r: usize, c: usize) -> (i8, f32) {
         let q = line_bytes(&self.quants)[r * self.geo.qstride + c] ^ 0x80;
-        (q as i8, self.scales[r * self.geo.sstride + c / QK8_0].to_f32())
+        (
+            q as i8,
+            self.scales[r * self.geo.sstride + c / QK8_0].to_f32(),
+        )
     }
 
     /// Back to dense f32 `[rows, cols]`: `q · d` per weight.
@@ -280,51 +283,7 @@ impl Q8Matrix {
         acts: &Q8Activations,
         out: &mut [f32],
     ) -> Result<()> {
-        if !kernel.is_available() {
-            return Err(Error::Device(format!(
-                "the {kernel:?} kernel needs CPU features this machine lacks"
-            )));
-        }
-        if acts.geo != self.geo || out.len() != acts.tokens * self.rows {
-            return Err(Error::InvalidRequest(format!(
-                "Q8_0 product: weights [{}, {}], activations [{}, {}], output of {} values",
-                self.rows,
-                self.geo.cols,
-                acts.tokens,
-                acts.geo.cols,
-                out.len()
-            )));
-        }
-        let tokens = acts.tokens;
-        let rows = self.rows;
-        let chunk_rows = chunk_rows(rows, self.geo.qstride, tokens);
-        let row_chunks = rows.div_ceil(chunk_rows);
-        let token_blocks = tokens.div_ceil(TOKEN_BLOCK);
-        let out_ptr = SyncPtr(out.as_mut_ptr());
-        let task = |i: usize| {
-            let (rc, tb) = (i % row_chunks, i / row_chunks);
-            let r0 = rc * chunk_rows;
-            let r1 = (r0 + chunk_rows).min(rows);
-            let t1 = ((tb + 1) * TOKEN_BLOCK).min(tokens);
-            let mut t0 = tb * TOKEN_BLOCK;
-            while t0 < t1 {
-                let n = (t1 - t0).min(TOKEN_TILE);
-                match n {
-                    4 => self.tile::<4>(kernel, acts, t0, r0, r1, out_ptr),
-                    3 => self.tile::<3>(kernel, acts, t0, r0, r1, out_ptr),
-                    2 => self.tile::<2>(kernel, acts, t0, r0, r1, out_ptr),
-                    _ => self.tile::<1>(kernel, acts, t0, r0, r1, out_ptr),
-                }
-                t0 += n;
-            }
-        };
-        let tasks = row_chunks * token_blocks;
-        if tasks == 1 {
-            task(0);
-        } else {
-            (0..tasks).into_par_iter().for_each(task);
-        }
-        Ok(())
+        matmul_group(kernel, &[self], acts, &mut [out])
     }
 
     /// Rows `r0..r1` for tokens `t0..t0 + T`, written into `out`.
@@ -367,6 +326,97 @@ impl Q8Matrix {
             r += n;
         }
     }
+}
+
+/// Products of several matrices of the same width with the same
+/// activations (a layer's q, k and v; gate and up), as one parallel pass:
+/// the activations are quantized once and the pool synchronises once.
+/// Returns one `[tokens, rows]` output per matrix.
+pub fn matmul_many(
+    kernel: Kernel,
+    mats: &[&Q8Matrix],
+    x: &[f32],
+    tokens: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let Some(first) = mats.first() else {
+        return Ok(Vec::new());
+    };
+    let acts = Q8Activations::quantize(x, tokens, first.geo.cols)?;
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; tokens * m.rows]).collect();
+    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+    matmul_group(kernel, mats, &acts, &mut views)?;
+    Ok(outs)
+}
+
+/// The parallel pass behind every product: tasks of (matrix, chunk of rows,
+/// block of tokens), each writing its own rectangle of its matrix's output.
+fn matmul_group(
+    kernel: Kernel,
+    mats: &[&Q8Matrix],
+    acts: &Q8Activations,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    if !kernel.is_available() {
+        return Err(Error::Device(format!(
+            "the {kernel:?} kernel needs CPU features this machine lacks"
+        )));
+    }
+    if mats.len() != outs.len() {
+        return Err(Error::InvalidRequest(format!(
+            "{} matrices but {} outputs",
+            mats.len(),
+            outs.len()
+        )));
+    }
+    let tokens = acts.tokens;
+    let token_blocks = tokens.div_ceil(TOKEN_BLOCK);
+    // Per matrix: (rows per chunk, chunks, first task, output).
+    let mut plan = Vec::with_capacity(mats.len());
+    let mut tasks = 0;
+    for (m, out) in mats.iter().zip(outs.iter_mut()) {
+        if acts.geo != m.geo || out.len() != tokens * m.rows {
+            return Err(Error::InvalidRequest(format!(
+                "Q8_0 product: weights [{}, {}], activations [{}, {}], output of {} values",
+                m.rows,
+                m.geo.cols,
+                tokens,
+                acts.geo.cols,
+                out.len()
+            )));
+        }
+        let chunk = chunk_rows(m.rows, m.geo.qstride, tokens);
+        let chunks = m.rows.div_ceil(chunk);
+        plan.push((chunk, chunks, tasks, SyncPtr(out.as_mut_ptr())));
+        tasks += chunks * token_blocks;
+    }
+    let task = |i: usize| {
+        // The matrix whose tasks include `i`: the last one starting at or before it.
+        let mi = plan.partition_point(|p| p.2 <= i) - 1;
+        let (chunk, chunks, first, out) = plan[mi];
+        let m = mats[mi];
+        let local = i - first;
+        let (rc, tb) = (local % chunks, local / chunks);
+        let r0 = rc * chunk;
+        let r1 = (r0 + chunk).min(m.rows);
+        let t1 = ((tb + 1) * TOKEN_BLOCK).min(tokens);
+        let mut t0 = tb * TOKEN_BLOCK;
+        while t0 < t1 {
+            let n = (t1 - t0).min(TOKEN_TILE);
+            match n {
+                4 => m.tile::<4>(kernel, acts, t0, r0, r1, out),
+                3 => m.tile::<3>(kernel, acts, t0, r0, r1, out),
+                2 => m.tile::<2>(kernel, acts, t0, r0, r1, out),
+                _ => m.tile::<1>(kernel, acts, t0, r0, r1, out),
+            }
+            t0 += n;
+        }
+    };
+    if tasks == 1 {
+        task(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+    Ok(())
 }
 
 /// The output pointer shared by the tasks of one product.
@@ -419,7 +469,9 @@ impl Q8Activations {
         let mut quants = lines(tokens * geo.qstride);
         let mut scales = vec![0f32; tokens * geo.sstride];
         let mut sums = vec![0f32; tokens * geo.sstride];
-        let one = |((q, d), (s, x)): ((&mut [u8], &mut [f32]), (&mut [f32], &[f32]))| {
+        // One token: (quants, scales), (block sums, values).
+        type Row<'a> = ((&'a mut [u8], &'a mut [f32]), (&'a mut [f32], &'a [f32]));
+        let one = |((q, d), (s, x)): Row<'_>| {
             quantize_row_dispatch(x, |b, scale, block| {
                 d[b] = scale;
                 s[b] = block.iter().map(|&v| v as i32).sum::<i32>() as f32;
@@ -484,7 +536,9 @@ mod tests {
     /// Deterministic values in `[-1, 1)` with a per-row scale, an outlier
     /// now and then, and an all-zero block, so blocks differ in range.
     fn data(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut next = || {
             s ^= s << 13;
             s ^= s >> 7;
@@ -527,7 +581,11 @@ mod tests {
                         let (q, _) = m.get(r, c);
                         assert!((-127..=127).contains(&q));
                         let err = (v - y[r * cols + c]).abs();
-                        assert!(err <= bound, "[{r},{c}]: {v} came back as {} (bound {bound})", y[r * cols + c]);
+                        assert!(
+                            err <= bound,
+                            "[{r},{c}]: {v} came back as {} (bound {bound})",
+                            y[r * cols + c]
+                        );
                         if v.abs() == amax && amax > 0.0 {
                             assert_eq!(q.unsigned_abs(), 127, "the largest value maps to ±127");
                         }
@@ -545,7 +603,10 @@ mod tests {
         for (rows, cols) in [(8, 896), (8, 4864)] {
             let m = Q8Matrix::quantize(&vec![0.5; rows * cols], rows, cols)?;
             let per_weight = m.size_bytes() as f64 / (rows * cols) as f64;
-            assert!((1.0625..1.075).contains(&per_weight), "{cols}: {per_weight}");
+            assert!(
+                (1.0625..1.075).contains(&per_weight),
+                "{cols}: {per_weight}"
+            );
         }
         Ok(())
     }
