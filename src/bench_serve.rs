@@ -6,7 +6,7 @@
 //! aggregate output tokens/s, and time to first token (TTFT), inter-token
 //! latency (ITL, the gap between consecutive chunks), time per output token
 //! (TPOT, a request's decode time over its tokens after the first) and
-//! end-to-end latency, as mean and p50/p95/p99.
+//! end-to-end latency, as mean, p50/p95/p99 and max.
 //!
 //! Prompts are token ids (`prompt: [ids]`), so their length is exact
 //! whatever the tokenizer: a shared prefix of `shared_prefix_tokens` (the
@@ -64,6 +64,7 @@ pub struct Stats {
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 impl Stats {
@@ -79,6 +80,7 @@ impl Stats {
             p50_ms: percentile(&v, 50.0),
             p95_ms: percentile(&v, 95.0),
             p99_ms: percentile(&v, 99.0),
+            max_ms: v[v.len() - 1],
         }
     }
 }
@@ -367,8 +369,8 @@ pub fn markdown(r: &Report) -> String {
         r.request_throughput,
         r.output_throughput
     );
-    out += "| latency (ms) | mean | p50 | p95 | p99 |\n";
-    out += "| --- | ---: | ---: | ---: | ---: |\n";
+    out += "| latency (ms) | mean | p50 | p95 | p99 | max |\n";
+    out += "| --- | ---: | ---: | ---: | ---: | ---: |\n";
     for (name, s) in [
         ("TTFT", r.ttft),
         ("TPOT", r.tpot),
@@ -376,8 +378,8 @@ pub fn markdown(r: &Report) -> String {
         ("E2E", r.e2e_latency),
     ] {
         out += &format!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
-            s.mean_ms, s.p50_ms, s.p95_ms, s.p99_ms
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            s.mean_ms, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms
         );
     }
     if let Some(e) = &r.first_error {

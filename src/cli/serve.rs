@@ -145,6 +145,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let context = pipeline.context_len();
             let engine = EngineHandle::spawn(Arc::new(pipeline), limits, args.max_queue, metrics)?;
             let kv = engine.kv_budget();
+            if kv.total_blocks == 0 {
+                bail!(
+                    "--kv-cache-mem holds no KV block: one block of {} positions takes {} bytes for this model",
+                    kv.block_size,
+                    kv.bytes_per_block
+                );
+            }
             eprintln!(
                 "KV cache: {} MiB, {} blocks of {} positions ({} positions)",
                 kv.bytes() >> 20,
@@ -202,7 +209,7 @@ fn parse_mem_size(s: &str) -> Result<usize, String> {
         _ => return Err(format!("`{s}`: the unit must be KiB, MiB or GiB")),
     };
     let bytes = value * scale;
-    if !(bytes >= 1.0) {
+    if bytes < 1.0 {
         return Err(format!("`{s}` must be more than zero"));
     }
     Ok(bytes as usize)
