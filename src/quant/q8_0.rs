@@ -2,7 +2,8 @@
 //!
 //! A weight row is cut into blocks of [`QK8_0`] = 32 values; each block keeps
 //! one scale `d = max|x| / 127` (stored as f16, as llama.cpp's `block_q8_0`
-//! does) and 32 integers `q = round(x / d)` in `-127..=127`, so `x ≈ q · d`.
+//! does) and 32 integers `q = round(x / d)` in `-127..=127` (ties to even),
+//! so `x ≈ q · d`.
 //! Activations are quantized the same way when a product starts, with an
 //! f32 scale, and the product is computed block by block in integers:
 //! `y = Σ_blocks d_w · d_x · Σ_i q_w[i] · q_x[i]`.
@@ -23,7 +24,8 @@
 //!   `kernels`). The AVX2 and scalar kernels flip the top bit back (`^ 0x80`).
 //! - `scales`: f16, each row padded with zeros to a multiple of
 //!   [`SCALE_GROUP`] = 16 blocks, so kernels load 16 scales at a time without
-//!   a tail case. Padding costs ≤ 30 bytes a row (< 1% of a 896-wide row).
+//!   a tail case. Padding costs at most 15 scales a row: 8 bytes, under 1%,
+//!   for a 896-wide row.
 //!
 //! Rows whose length is not a multiple of 32 are padded with zero weights
 //! (and the activations with zeros), so any shape quantizes and the product
@@ -32,7 +34,9 @@
 //! # Parallelism
 //!
 //! A product is split into tasks of (a chunk of output rows) × (a block of up
-//! to 64 tokens) on rayon's global pool (the pool candle's own CPU ops use).
+//! to 64 tokens) on rayon's global pool (the pool candle's own CPU ops use);
+//! products that share their input (a layer's q, k and v) run as one pass
+//! ([`matmul_many`]), quantizing the input once and synchronising once.
 //! Within a task, tokens go through the kernels four at a time, so each
 //! weight row is loaded once for four tokens, and a chunk's rows are sized to
 //! stay in L2 while the task's token tiles pass over them.
