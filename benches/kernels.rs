@@ -7,7 +7,7 @@
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use taper::quant::{Kernel, Q8Matrix};
+use taper::quant::{matmul_many, Kernel, Q8Matrix};
 
 /// Deterministic values in [-scale, scale).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -48,43 +48,54 @@ fn bench_shape(c: &mut Criterion, cols: usize, rows: usize, tokens: usize) {
     group.finish();
 }
 
-/// Every projection of one Qwen2.5-0.5B decode step (24 layers of q, k, v,
-/// o, gate, up, down, then the head): 525 MB of Q8_0 weights, far more than
-/// any cache, so this measures streaming from memory plus the pool's
-/// per-product synchronisation, as a real decode step sees them.
+/// Every projection of one Qwen2.5-0.5B decode step as the decoder runs
+/// them: per layer q/k/v in one pass, o, gate/up in one pass, down; then the
+/// head. 525 MB of Q8_0 weights, far more than any cache, so this measures
+/// streaming from memory plus the pool's per-pass synchronisation. Like
+/// `Decoder::forward`, the step runs on a pool thread.
 fn decode_step(c: &mut Criterion) {
     let (h, inter, kv, vocab) = (896, 4864, 128, 151_936);
-    let mut shapes = Vec::new();
-    for _ in 0..24 {
-        shapes.extend([
-            (h, h),
-            (h, kv),
-            (h, kv),
-            (h, h),
-            (h, inter),
-            (h, inter),
-            (inter, h),
-        ]);
-    }
-    shapes.push((h, vocab));
-    let mats: Vec<Q8Matrix> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, &(cols, rows))| {
-            Q8Matrix::quantize(&values(rows * cols, i as u64, 0.05), rows, cols).expect("quantize")
+    let mut seed = 0;
+    let mut mat = |rows: usize, cols: usize| {
+        seed += 1;
+        Q8Matrix::quantize(&values(rows * cols, seed, 0.05), rows, cols).expect("quantize")
+    };
+    // (q, k, v), o, (gate, up), down per layer.
+    let layers: Vec<[Vec<Q8Matrix>; 4]> = (0..24)
+        .map(|_| {
+            [
+                vec![mat(h, h), mat(kv, h), mat(kv, h)],
+                vec![mat(h, h)],
+                vec![mat(inter, h), mat(inter, h)],
+                vec![mat(h, inter)],
+            ]
         })
         .collect();
-    let bytes: usize = mats.iter().map(Q8Matrix::size_bytes).sum();
-    let xs: Vec<Vec<f32>> = [h, inter].iter().map(|&n| values(n, 7, 1.0)).collect();
+    let head = mat(vocab, h);
+    let bytes: usize = layers
+        .iter()
+        .flatten()
+        .flatten()
+        .chain([&head])
+        .map(Q8Matrix::size_bytes)
+        .sum();
+    let (xh, xi) = (values(h, 7, 1.0), values(inter, 8, 1.0));
+    let kernel = Kernel::best();
     let mut group = c.benchmark_group("qwen2.5-0.5b decode step (projections)");
     group.throughput(Throughput::Bytes(bytes as u64));
     group.sample_size(20);
-    group.bench_function("q8_0", |b| {
+    group.bench_function(format!("q8_0 {}", kernel.name()), |b| {
         b.iter(|| {
-            for m in &mats {
-                let x = if m.cols() == h { &xs[0] } else { &xs[1] };
-                std::hint::black_box(m.matmul(x, 1).expect("matmul"));
-            }
+            rayon::scope(|_| {
+                for passes in &layers {
+                    for mats in passes {
+                        let x = if mats[0].cols() == h { &xh } else { &xi };
+                        let refs: Vec<&Q8Matrix> = mats.iter().collect();
+                        std::hint::black_box(matmul_many(kernel, &refs, x, 1).expect("matmul"));
+                    }
+                }
+                std::hint::black_box(head.matmul(&xh, 1).expect("matmul"));
+            })
         })
     });
     group.finish();
