@@ -254,15 +254,25 @@ fn health_models_and_metrics() {
         "/v1/completions",
         &completion(json!("Hi"), json!({"max_tokens": 2})),
     );
-    let (_, metrics) = s.get("/metrics");
-    for name in [
+    let names = [
         "taper_requests_running 0",
         "taper_requests_waiting 0",
         "taper_requests_cancelled_total 0",
         "taper_http_requests_total{status=\"200\"}",
         "taper_generation_tokens_total",
         "taper_time_to_first_token_seconds_count 1",
-    ] {
+    ];
+    // The response can reach us a moment before the engine thread retires
+    // the finished sequence and updates its gauges: poll briefly.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = s.get("/metrics").1;
+        if names.iter().all(|n| metrics.contains(n)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for name in names {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
 }
