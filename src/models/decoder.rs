@@ -108,6 +108,9 @@ impl Decoder {
         let norm = |name: &str, dim: usize| {
             RmsNorm::load(store, name, dim, c.rms_norm_eps, c.norm_plus_one, device)
         };
+        let linear = |prefix: &str, in_dim: usize, out_dim: usize, bias: bool| {
+            Linear::load(store, prefix, in_dim, out_dim, bias, dtype, device, quant)
+        };
 
         let embed = Embedding::new(store.load(
             "model.embed_tokens.weight",
@@ -141,48 +144,12 @@ impl Decoder {
                 )
             } else {
                 (
-                    Linear::load(
-                        store,
-                        &format!("{p}.self_attn.q_proj"),
-                        h,
-                        q_dim,
-                        c.qkv_bias,
-                        dtype,
-                        device,
-                        quant,
-                    )?,
-                    Linear::load(
-                        store,
-                        &format!("{p}.self_attn.k_proj"),
-                        h,
-                        kv_dim,
-                        c.qkv_bias,
-                        dtype,
-                        device,
-                        quant,
-                    )?,
-                    Linear::load(
-                        store,
-                        &format!("{p}.self_attn.v_proj"),
-                        h,
-                        kv_dim,
-                        c.qkv_bias,
-                        dtype,
-                        device,
-                        quant,
-                    )?,
+                    linear(&format!("{p}.self_attn.q_proj"), h, q_dim, c.qkv_bias)?,
+                    linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, c.qkv_bias)?,
+                    linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, c.qkv_bias)?,
                 )
             };
-            let o = Linear::load(
-                store,
-                &format!("{p}.self_attn.o_proj"),
-                q_dim,
-                h,
-                c.o_bias,
-                dtype,
-                device,
-                quant,
-            )?;
+            let o = linear(&format!("{p}.self_attn.o_proj"), q_dim, h, c.o_bias)?;
             let (q_norm, k_norm) = if c.qk_norm {
                 (
                     Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?),
@@ -210,38 +177,11 @@ impl Decoder {
                 (part(0, inter)?, part(inter, inter)?)
             } else {
                 (
-                    Linear::load(
-                        store,
-                        &format!("{p}.mlp.gate_proj"),
-                        h,
-                        inter,
-                        c.mlp_bias,
-                        dtype,
-                        device,
-                        quant,
-                    )?,
-                    Linear::load(
-                        store,
-                        &format!("{p}.mlp.up_proj"),
-                        h,
-                        inter,
-                        c.mlp_bias,
-                        dtype,
-                        device,
-                        quant,
-                    )?,
+                    linear(&format!("{p}.mlp.gate_proj"), h, inter, c.mlp_bias)?,
+                    linear(&format!("{p}.mlp.up_proj"), h, inter, c.mlp_bias)?,
                 )
             };
-            let down = Linear::load(
-                store,
-                &format!("{p}.mlp.down_proj"),
-                inter,
-                h,
-                c.mlp_bias,
-                dtype,
-                device,
-                quant,
-            )?;
+            let down = linear(&format!("{p}.mlp.down_proj"), inter, h, c.mlp_bias)?;
             let mlp = Mlp {
                 gate,
                 up,
@@ -289,16 +229,7 @@ impl Decoder {
             // Quantizing copies the table: the lookup stays dense.
             Linear::quantized(embed.table().clone(), None, quant)?
         } else {
-            Linear::load(
-                store,
-                "lm_head",
-                h,
-                c.vocab_size,
-                false,
-                dtype,
-                device,
-                quant,
-            )?
+            linear("lm_head", h, c.vocab_size, false)?
         };
 
         Ok(Decoder {
