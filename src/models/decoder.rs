@@ -100,7 +100,7 @@ impl Decoder {
         // Weights about to be quantized are read in f32 (on the CPU).
         let wdtype = match quant {
             Quant::None => dtype,
-            Quant::Q8_0 => DType::F32,
+            _ => DType::F32,
         };
         let (h, hd) = (c.hidden_size, c.head_dim);
         let q_dim = c.num_heads * hd;

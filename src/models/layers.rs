@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::{Activation, Rope, RopeScaling};
-use crate::quant::{self, Q8Matrix, Quant};
+use crate::quant::{self, Q8Matrix, QMatrix, Quant};
 use crate::weights::WeightStore;
 use crate::{Error, Result};
 
@@ -22,8 +22,9 @@ pub struct Linear {
 enum LinearWeight {
     /// `[out, in]` in the model's dtype, on its device.
     Dense(Tensor),
-    /// Q8_0 on the CPU; shared so that cloning a layer copies no weights.
-    Q8_0(Arc<Q8Matrix>),
+    /// Quantized, on the CPU; shared so that cloning a layer copies no
+    /// weights.
+    Quantized(Arc<QMatrix>),
 }
 
 impl Linear {
@@ -40,9 +41,17 @@ impl Linear {
     pub fn quantized(weight: Tensor, bias: Option<Tensor>, quant: Quant) -> Result<Self> {
         let weight = match quant {
             Quant::None => LinearWeight::Dense(weight),
-            Quant::Q8_0 => LinearWeight::Q8_0(Arc::new(quant::quantize_tensor(&weight)?)),
+            quant => LinearWeight::Quantized(Arc::new(quant::quantize_tensor(&weight, quant)?)),
         };
         Ok(Linear { weight, bias })
+    }
+
+    /// A projection over weights that arrive already quantized (GGUF).
+    pub fn from_quantized(weight: QMatrix, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: LinearWeight::Quantized(Arc::new(weight)),
+            bias,
+        }
     }
 
     /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`). A quantized
@@ -62,7 +71,7 @@ impl Linear {
         let name = format!("{prefix}.weight");
         let weight = match quant {
             Quant::None => store.load(&name, &[out_dim, in_dim], dtype, device)?,
-            Quant::Q8_0 => store.load(&name, &[out_dim, in_dim], DType::F32, &Device::Cpu)?,
+            _ => store.load(&name, &[out_dim, in_dim], DType::F32, &Device::Cpu)?,
         };
         let bias = if bias {
             Some(store.load(&format!("{prefix}.bias"), &[out_dim], dtype, device)?)
@@ -74,14 +83,14 @@ impl Linear {
 
     /// Whether the weight is quantized.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, LinearWeight::Q8_0(_))
+        matches!(self.weight, LinearWeight::Quantized(_))
     }
 
     /// Number of weights (`out × in`), without the bias.
     pub fn num_weights(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.elem_count(),
-            LinearWeight::Q8_0(q) => q.rows() * q.cols(),
+            LinearWeight::Quantized(q) => q.rows() * q.cols(),
         }
     }
 
@@ -90,18 +99,20 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            LinearWeight::Q8_0(q) => q.size_bytes(),
+            LinearWeight::Quantized(q) => q.size_bytes(),
         }
     }
 
     /// The projections of one input by several layers (q, k, v; gate, up).
-    /// When all are quantized they run as one parallel pass, sharing the
+    /// When all are Q8_0 they run as one parallel pass, sharing the
     /// quantized input and one synchronisation of the thread pool.
     pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
         let quantized: Option<Vec<&Q8Matrix>> = layers
             .iter()
             .map(|l| match &l.weight {
-                LinearWeight::Q8_0(q) => Some(q.as_ref()),
+                LinearWeight::Quantized(q) => match q.as_ref() {
+                    QMatrix::Q8_0(q) => Some(q),
+                },
                 LinearWeight::Dense(_) => None,
             })
             .collect();
@@ -130,7 +141,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Q8_0(q) => quant::matmul_tensor(q, x)?,
+            LinearWeight::Quantized(q) => quant::matmul_tensor(q, x)?,
         };
         self.add_bias(y)
     }

@@ -78,15 +78,74 @@ fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(data))
 }
 
-/// Quantizes a dense `[out, in]` weight (any float dtype, on the CPU).
-pub fn quantize_tensor(w: &Tensor) -> Result<Q8Matrix> {
+/// A quantized `[out, in]` weight in one of the supported formats.
+///
+/// Every format offers the same four things: its shape, its size in memory,
+/// `x · Wᵀ` on f32 rows, and a dense copy for tests.
+#[derive(Debug)]
+pub enum QMatrix {
+    Q8_0(Q8Matrix),
+}
+
+impl QMatrix {
+    pub fn rows(&self) -> usize {
+        match self {
+            QMatrix::Q8_0(q) => q.rows(),
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            QMatrix::Q8_0(q) => q.cols(),
+        }
+    }
+
+    /// Bytes of quantized blocks and scales.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            QMatrix::Q8_0(q) => q.size_bytes(),
+        }
+    }
+
+    /// The format's name, as `--quant` spells it.
+    pub fn format(&self) -> Quant {
+        match self {
+            QMatrix::Q8_0(_) => Quant::Q8_0,
+        }
+    }
+
+    /// `x · Wᵀ` for `tokens` rows of `cols()` values: `tokens × rows()` f32.
+    pub fn matmul(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
+        match self {
+            QMatrix::Q8_0(q) => q.matmul(x, tokens),
+        }
+    }
+
+    /// The weights as stored (dequantized), row-major `rows × cols`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            QMatrix::Q8_0(q) => q.dequantize(),
+        }
+    }
+}
+
+/// Quantizes a dense `[out, in]` weight (any float dtype, on the CPU) into
+/// `quant`'s format.
+pub fn quantize_tensor(w: &Tensor, quant: Quant) -> Result<QMatrix> {
     let (rows, cols) = w.dims2()?;
-    with_f32_slice(w, |data| Q8Matrix::quantize(data, rows, cols))?
+    match quant {
+        Quant::Q8_0 => Ok(QMatrix::Q8_0(with_f32_slice(w, |data| {
+            Q8Matrix::quantize(data, rows, cols)
+        })??)),
+        Quant::None => Err(Error::InvalidRequest(
+            "quantize_tensor needs a quantized format, not 'none'".into(),
+        )),
+    }
 }
 
 /// `x · Wᵀ` for `x` of shape `[..., in]` on the CPU: `[..., out]` in `x`'s
 /// dtype, computed through the Q8_0 kernels.
-pub fn matmul_tensor(w: &Q8Matrix, x: &Tensor) -> Result<Tensor> {
+pub fn matmul_tensor(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return Err(Error::Device(CPU_ONLY.into()));
     }
@@ -94,7 +153,8 @@ pub fn matmul_tensor(w: &Q8Matrix, x: &Tensor) -> Result<Tensor> {
     let cols = dims.last().copied().unwrap_or(0);
     if cols != w.cols() {
         return Err(Error::InvalidRequest(format!(
-            "a Q8_0 projection of width {} got input of shape {dims:?}",
+            "a {} projection of width {} got input of shape {dims:?}",
+            w.format(),
             w.cols()
         )));
     }
@@ -154,7 +214,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.05, (48, 96), &dev)?;
         let x = Tensor::randn(0f32, 1.0, (3, 96), &dev)?;
-        let q = quantize_tensor(&w)?;
+        let q = quantize_tensor(&w, Quant::Q8_0)?;
         let y = matmul_tensor(&q, &x)?;
         assert_eq!(y.dims(), &[3, 48]);
         let want = x.matmul(&w.t()?)?;
@@ -172,8 +232,9 @@ mod tests {
             y2.to_vec2::<f32>()?
         );
         // Several matrices in one pass give what each gives alone.
-        let q2 = quantize_tensor(&Tensor::randn(0f32, 0.05, (17, 96), &dev)?)?;
-        let both = matmul_tensor_many(&[&q, &q2], &x)?;
+        let q2 = quantize_tensor(&Tensor::randn(0f32, 0.05, (17, 96), &dev)?, Quant::Q8_0)?;
+        let (QMatrix::Q8_0(q8), QMatrix::Q8_0(q28)) = (&q, &q2);
+        let both = matmul_tensor_many(&[q8, q28], &x)?;
         assert_eq!(
             both[0].to_vec2::<f32>()?,
             matmul_tensor(&q, &x)?.to_vec2::<f32>()?
