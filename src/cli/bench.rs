@@ -74,12 +74,6 @@ pub struct BenchArgs {
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     repetitions: usize,
 
-    /// CPU threads for candle's matmuls and pools; sets (and overrides)
-    /// RAYON_NUM_THREADS and CANDLE_NUM_THREADS [default: physical cores
-    /// available to the process].
-    #[arg(short = 't', long)]
-    threads: Option<usize>,
-
     /// Report format on stdout.
     #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
     output: Format,
@@ -243,16 +237,8 @@ fn run_model(model_args: ModelArgs, args: BenchArgs) -> anyhow::Result<()> {
         bail!("`-r/--repetitions` must be >= 1. Given: 0");
     }
     let tests = bench::expand_tests(&args.n_prompt, &args.n_gen, &args.n_depth)?;
-    let threads = match args.threads {
-        Some(0) => bail!("`--threads` must be >= 1. Given: 0"),
-        Some(t) => t,
-        None => bench::physical_cores(),
-    };
     // Before anything starts candle's thread pools.
-    let candle_threads = bench::set_cpu_threads(threads);
-    if candle_threads != threads {
-        eprintln!("warning: candle reports {candle_threads} threads, not {threads}");
-    }
+    let threads = model_args.apply_threads()?;
 
     let on_cpu = model_args.device.parse::<DeviceSpec>()? == DeviceSpec::Cpu;
     let quant = model_args.quant.parse::<Quant>()?;

@@ -23,6 +23,7 @@ pub fn run(args: DownloadArgs) -> anyhow::Result<()> {
         dtype: "auto".into(),
         quant: "none".into(),
         chat_template: None,
+        threads: None,
     };
     let files = model.resolve()?;
     println!("{}", files.config.display());
