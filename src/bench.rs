@@ -262,7 +262,7 @@ pub fn weight_bytes_per_token(model: &Decoder, quant: Quant) -> usize {
     let c = model.config();
     let mut n = model.weight_bytes();
     if !c.tie_word_embeddings || quant != Quant::None {
-        let row = c.hidden_size * model.dtype().size_in_bytes();
+        let row = c.hidden_size * model.weight_dtype().size_in_bytes();
         n = n.saturating_sub(row * c.vocab_size.saturating_sub(1));
     }
     n

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bench_serve;
 pub mod chat_template;
 pub mod config;
+pub mod dense;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -284,7 +284,7 @@ fn run_model(model_args: ModelArgs, args: BenchArgs) -> anyhow::Result<()> {
         architecture: model.config().architecture.class_name().to_string(),
         size_bytes: model.weight_bytes(),
         n_params: model.num_parameters(),
-        dtype: model.dtype().as_str().to_string(),
+        dtype: model.weight_dtype().as_str().to_string(),
         quant: (quant != Quant::None).then(|| quant.to_string()),
         device: model_args.device.clone(),
         backend: backend.to_string(),

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{LayerAttention, ModelConfig};
 use crate::kv_cache::SeqKvCache;
 use crate::models::layers::{
-    apply_rope, soft_cap, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
+    apply_rope, compute_dtype, soft_cap, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
 };
 use crate::quant::Quant;
 use crate::weights::WeightStore;
@@ -76,7 +76,10 @@ pub struct Decoder {
     norm: RmsNorm,
     lm_head: Linear,
     ropes: Vec<RotaryEmbedding>,
+    /// Activations' and the KV cache's dtype (see `compute_dtype`).
     dtype: DType,
+    /// The dense weights' dtype.
+    weight_dtype: DType,
     device: Device,
 }
 
@@ -239,7 +242,8 @@ impl Decoder {
             norm: final_norm,
             lm_head,
             ropes,
-            dtype,
+            dtype: compute_dtype(dtype, device),
+            weight_dtype: dtype,
             device: device.clone(),
         })
     }
@@ -248,8 +252,15 @@ impl Decoder {
         &self.config
     }
 
+    /// The dtype of activations and of the KV cache.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype of the dense weights (bf16 weights compute in f32 on the
+    /// CPU: see `compute_dtype`).
+    pub fn weight_dtype(&self) -> DType {
+        self.weight_dtype
     }
 
     pub fn device(&self) -> &Device {
@@ -357,7 +368,7 @@ impl Decoder {
         }
         let total = ids.len();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
-        let mut x = self.embed.forward(&ids)?;
+        let mut x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
         if let Some(scale) = c.embedding_scale {
             // Gemma rounds the scale to the compute dtype before multiplying.
             let s = Tensor::new(scale as f32, &self.device)?.to_dtype(self.dtype)?;

@@ -7,9 +7,26 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::{Activation, Rope, RopeScaling};
+use crate::dense;
 use crate::quant::{self, Q8Matrix, QMatrix, Quant};
 use crate::weights::WeightStore;
 use crate::{Error, Result};
+
+/// The dtype activations (and the KV cache) use for weights of `dtype` on
+/// `device`.
+///
+/// bf16 weights on the CPU compute in f32: the dense kernels read bf16
+/// weights and accumulate in f32 anyway, and candle's other CPU ops (norms,
+/// softmax, attention products) have no fast bf16 path, so bf16 activations
+/// would only add conversions and rounding. The weights, which are what a
+/// decode step reads, stay bf16.
+pub fn compute_dtype(dtype: DType, device: &Device) -> DType {
+    if device.is_cpu() && dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
 
 /// `y = x Wᵀ + b` on `[tokens, in]` inputs, with `W` dense or quantized.
 #[derive(Debug, Clone)]
@@ -74,7 +91,8 @@ impl Linear {
             _ => store.load(&name, &[out_dim, in_dim], DType::F32, &Device::Cpu)?,
         };
         let bias = if bias {
-            Some(store.load(&format!("{prefix}.bias"), &[out_dim], dtype, device)?)
+            let bias_dtype = compute_dtype(dtype, device);
+            Some(store.load(&format!("{prefix}.bias"), &[out_dim], bias_dtype, device)?)
         } else {
             None
         };
@@ -140,7 +158,14 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) => {
+                let tokens = x.elem_count() / x.dim(D::Minus1)?.max(1);
+                if dense::handles(w.dtype(), w.device(), tokens) {
+                    dense::matmul_tensor(w, x)?.to_dtype(x.dtype())?
+                } else {
+                    x.matmul(&w.t()?)?
+                }
+            }
             LinearWeight::Quantized(q) => quant::matmul_tensor(q, x)?,
         };
         self.add_bias(y)

@@ -1,0 +1,742 @@
+//! Dense matrix products on the CPU, for the weights `--quant` leaves dense:
+//! f32, and bf16 with f32 accumulation.
+//!
+//! Why not candle's: candle 0.11's CPU matmul hands a one-token product to
+//! `gemm`'s matrix-vector path, which runs on one thread (f32 decode used
+//! one core of two), and it has no bf16 kernel at all: every bf16 product
+//! widened both operands to fresh f32 buffers first (1.6 tokens/s decode
+//! against 11 in f32). Here the rows of `W` are split across rayon's global
+//! pool and each task computes tiles of up to 4 rows × 4 tokens of dot
+//! products, reading each weight once per 4 tokens.
+//!
+//! Kernels are picked at run time for the CPU at hand: AVX-512 BF16
+//! (`vdpbf16ps`, activations rounded to bf16 as llama.cpp does), AVX-512F,
+//! AVX2 + FMA, or portable code; a binary built for baseline x86-64 still
+//! gets the fast paths.
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Rows and tokens of one tile: 4 × 4 accumulators plus 4 + 4 loaded
+/// vectors stay within AVX-512's 32 registers.
+const TILE: usize = 4;
+
+/// One dense kernel; `best()` is the fastest this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseKernel {
+    /// AVX-512 with the BF16 extension: bf16 × bf16 dot products into f32
+    /// (bf16 weights only; f32 weights use [`DenseKernel::Avx512`]).
+    Avx512Bf16,
+    /// AVX-512F fused multiply-add; bf16 weights widened in registers.
+    Avx512,
+    /// AVX2 + FMA.
+    Avx2,
+    /// Portable code.
+    Scalar,
+}
+
+impl DenseKernel {
+    /// The fastest kernel this CPU supports, detected once.
+    pub fn best() -> DenseKernel {
+        static BEST: OnceLock<DenseKernel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            Self::available()
+                .into_iter()
+                .next()
+                .unwrap_or(DenseKernel::Scalar)
+        })
+    }
+
+    /// Every kernel this CPU supports, fastest first.
+    pub fn available() -> Vec<DenseKernel> {
+        [Self::Avx512Bf16, Self::Avx512, Self::Avx2, Self::Scalar]
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect()
+    }
+
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Bf16 => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// A row-major `[rows, cols]` weight matrix.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// `x · Wᵀ`: `tokens` rows of `cols` values against `W` (`[rows, cols]`),
+/// giving `tokens × rows` values.
+pub fn matmul(
+    kernel: DenseKernel,
+    w: Weights<'_>,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+) -> Result<Vec<f32>> {
+    if !kernel.is_available() {
+        return Err(Error::Device(format!(
+            "the {kernel:?} kernel needs CPU features this machine lacks"
+        )));
+    }
+    if w.len() != rows * cols || x.len() != tokens * cols {
+        return Err(Error::InvalidRequest(format!(
+            "dense product: {} weights for [{rows}, {cols}], {} inputs for [{tokens}, {cols}]",
+            w.len(),
+            x.len()
+        )));
+    }
+    let mut out = vec![0f32; tokens * rows];
+    let shape = Shape { rows, cols, tokens };
+    match (w, kernel) {
+        (Weights::F32(w), DenseKernel::Scalar) => run(shape, w, x, &mut out, scalar::tile_f32),
+        (Weights::Bf16(w), DenseKernel::Scalar) => run(shape, w, x, &mut out, scalar::tile_bf16),
+        #[cfg(target_arch = "x86_64")]
+        (Weights::F32(w), DenseKernel::Avx512 | DenseKernel::Avx512Bf16) => {
+            run(shape, w, x, &mut out, x86::tile_f32_avx512)
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Weights::F32(w), DenseKernel::Avx2) => run(shape, w, x, &mut out, x86::tile_f32_avx2),
+        #[cfg(target_arch = "x86_64")]
+        (Weights::Bf16(w), DenseKernel::Avx512Bf16) => {
+            // Rounded to bf16 once per product, not once per tile.
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            run(shape, w, &xb, &mut out, x86::tile_bf16_avx512bf16)
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Weights::Bf16(w), DenseKernel::Avx512) => {
+            run(shape, w, x, &mut out, x86::tile_bf16_avx512)
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Weights::Bf16(w), DenseKernel::Avx2) => run(shape, w, x, &mut out, x86::tile_bf16_avx2),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the scalar kernel is available off x86-64"),
+    }
+    Ok(out)
+}
+
+/// Whether [`matmul_tensor`] takes a product of `tokens` rows against a
+/// weight of `dtype` on `device`, rather than candle.
+///
+/// bf16 always (candle has no bf16 CPU kernel). f32 only for few tokens:
+/// past them `gemm`'s blocked, threaded matrix-matrix product is the faster
+/// (see `benches/kernels.rs`).
+pub fn handles(dtype: DType, device: &Device, tokens: usize) -> bool {
+    device.is_cpu()
+        && match dtype {
+            DType::BF16 => true,
+            DType::F32 => tokens <= F32_MAX_TOKENS,
+            _ => false,
+        }
+}
+
+/// Up to this many tokens, f32 products run here rather than in `gemm`.
+pub const F32_MAX_TOKENS: usize = 4;
+
+/// `x · Wᵀ` for CPU tensors: `w` is `[out, in]` (f32 or bf16), `x` is
+/// `[..., in]` in any float dtype; the result is `[..., out]` in f32.
+pub fn matmul_tensor(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let dims = x.dims();
+    if dims.last() != Some(&cols) {
+        return Err(Error::InvalidRequest(format!(
+            "a projection of width {cols} got input of shape {dims:?}"
+        )));
+    }
+    let tokens = x.elem_count() / cols.max(1);
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let w = w.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        return Err(Error::Device(
+            "dense CPU kernels got a tensor on another device".into(),
+        ));
+    };
+    let xd = &xs.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + x.elem_count()];
+    let n = rows * cols;
+    let wd = match w.dtype() {
+        DType::F32 => {
+            Weights::F32(&ws.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + n])
+        }
+        DType::BF16 => {
+            Weights::Bf16(&ws.as_slice::<bf16>()?[wl.start_offset()..wl.start_offset() + n])
+        }
+        other => {
+            return Err(Error::InvalidRequest(format!(
+                "dense CPU kernels take f32 or bf16 weights, not {other:?}"
+            )))
+        }
+    };
+    let y = matmul(DenseKernel::best(), wd, rows, cols, xd, tokens)?;
+    let mut shape = dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = rows;
+    }
+    Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+}
+
+/// Computes the dot products of `r` rows (from `w`, stride `cols`) with `t`
+/// tokens (from `x`, stride `cols`) over `cols` values, writing
+/// `out[ti * out_stride + ri]`. `r` and `t` are 1..=4.
+type TileFn<W, X> = unsafe fn(
+    w: *const W,
+    x: *const X,
+    cols: usize,
+    out: *mut f32,
+    out_stride: usize,
+    r: usize,
+    t: usize,
+);
+
+/// The output pointer shared by the tasks of one product.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only the columns of its own chunk of rows, and
+// `run` returns only after every task has finished.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Splits the rows into chunks across the pool; within a chunk, walks the
+/// tokens in tiles of 4 and the rows in tiles of 4, so a chunk's weights
+/// are read from memory once and then from cache for the other tokens.
+fn run<W: Sync, X: Sync>(s: Shape, w: &[W], x: &[X], out: &mut [f32], tile: TileFn<W, X>) {
+    let chunk = chunk_rows(s.rows, s.cols * std::mem::size_of::<W>(), s.tokens);
+    let chunks = s.rows.div_ceil(chunk);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let task = |c: usize| {
+        let ptr = ptr;
+        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(s.rows));
+        let mut t0 = 0;
+        while t0 < s.tokens {
+            let tn = (s.tokens - t0).min(TILE);
+            let mut r = r0;
+            while r < r1 {
+                let rn = (r1 - r).min(TILE);
+                // SAFETY: rows r..r+rn and tokens t0..t0+tn are inside the
+                // slices (checked by `matmul`), and the kernel was checked
+                // to be available on this CPU.
+                unsafe {
+                    tile(
+                        w.as_ptr().add(r * s.cols),
+                        x.as_ptr().add(t0 * s.cols),
+                        s.cols,
+                        ptr.0.add(t0 * s.rows + r),
+                        s.rows,
+                        rn,
+                        tn,
+                    )
+                }
+                r += rn;
+            }
+            t0 += tn;
+        }
+    };
+    if chunks <= 1 {
+        task(0);
+    } else {
+        (0..chunks).into_par_iter().for_each(task);
+    }
+}
+
+/// Rows per task: 8 tasks per thread to balance the pool, none under
+/// 32 KiB of weights (scheduling cost), and none over 256 KiB when several
+/// tokens re-read the chunk (it should stay in L2). Same reasoning and
+/// figures as the Q8_0 kernels' chunking.
+fn chunk_rows(rows: usize, row_bytes: usize, tokens: usize) -> usize {
+    const MIN_BYTES: usize = 32 << 10;
+    const MAX_BYTES_REUSED: usize = 256 << 10;
+    let threads = rayon::current_num_threads().max(1);
+    let mut n = rows.div_ceil(threads * 8);
+    n = n.max(MIN_BYTES.div_ceil(row_bytes.max(1)));
+    if tokens > 1 {
+        n = n.min((MAX_BYTES_REUSED / row_bytes.max(1)).max(TILE));
+    }
+    // Whole tiles of rows, except for the last chunk.
+    n = n.div_ceil(TILE) * TILE;
+    n.clamp(1, rows.max(1))
+}
+
+/// Expands `$body` for the tile size `(r, t)` as const generics `R`, `T`.
+macro_rules! dispatch_tile {
+    ($r:expr, $t:expr, $f:ident($($arg:expr),*)) => {
+        match ($r, $t) {
+            (4, 4) => $f::<4, 4>($($arg),*),
+            (4, 3) => $f::<4, 3>($($arg),*),
+            (4, 2) => $f::<4, 2>($($arg),*),
+            (4, 1) => $f::<4, 1>($($arg),*),
+            (3, 4) => $f::<3, 4>($($arg),*),
+            (3, 3) => $f::<3, 3>($($arg),*),
+            (3, 2) => $f::<3, 2>($($arg),*),
+            (3, 1) => $f::<3, 1>($($arg),*),
+            (2, 4) => $f::<2, 4>($($arg),*),
+            (2, 3) => $f::<2, 3>($($arg),*),
+            (2, 2) => $f::<2, 2>($($arg),*),
+            (2, 1) => $f::<2, 1>($($arg),*),
+            (1, 4) => $f::<1, 4>($($arg),*),
+            (1, 3) => $f::<1, 3>($($arg),*),
+            (1, 2) => $f::<1, 2>($($arg),*),
+            _ => $f::<1, 1>($($arg),*),
+        }
+    };
+}
+
+mod scalar {
+    use super::bf16;
+
+    /// Eight independent partial sums per dot product, so the compiler can
+    /// vectorise with whatever the baseline target offers.
+    #[inline(always)]
+    unsafe fn tile<W: Copy, X: Copy, const R: usize, const T: usize>(
+        w: *const W,
+        x: *const X,
+        cols: usize,
+        out: *mut f32,
+        out_stride: usize,
+        wf: impl Fn(W) -> f32,
+        xf: impl Fn(X) -> f32,
+    ) {
+        for r in 0..R {
+            let wr = std::slice::from_raw_parts(w.add(r * cols), cols);
+            for t in 0..T {
+                let xt = std::slice::from_raw_parts(x.add(t * cols), cols);
+                let mut acc = [0f32; 8];
+                let mut wc = wr.chunks_exact(8);
+                let mut xc = xt.chunks_exact(8);
+                for (a, b) in (&mut wc).zip(&mut xc) {
+                    for l in 0..8 {
+                        acc[l] += wf(a[l]) * xf(b[l]);
+                    }
+                }
+                let mut sum: f32 = acc.iter().sum();
+                for (&a, &b) in wc.remainder().iter().zip(xc.remainder()) {
+                    sum += wf(a) * xf(b);
+                }
+                *out.add(t * out_stride + r) = sum;
+            }
+        }
+    }
+
+    unsafe fn f32_rt<const R: usize, const T: usize>(
+        w: *const f32,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        tile::<f32, f32, R, T>(w, x, cols, out, out_stride, |v| v, |v| v)
+    }
+
+    unsafe fn bf16_rt<const R: usize, const T: usize>(
+        w: *const bf16,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        tile::<bf16, f32, R, T>(w, x, cols, out, out_stride, bf16::to_f32, |v| v)
+    }
+
+    pub(super) unsafe fn tile_f32(
+        w: *const f32,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        out_stride: usize,
+        r: usize,
+        t: usize,
+    ) {
+        dispatch_tile!(r, t, f32_rt(w, x, cols, out, out_stride))
+    }
+
+    pub(super) unsafe fn tile_bf16(
+        w: *const bf16,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        out_stride: usize,
+        r: usize,
+        t: usize,
+    ) {
+        dispatch_tile!(r, t, bf16_rt(w, x, cols, out, out_stride))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! One function per (instruction set, weight type). Each `*_rt` is
+    //! compiled with its features enabled and fully unrolled for its tile
+    //! size; the `tile_*` entry points pick the tile size.
+    //!
+    //! Columns past the last whole SIMD step are summed in scalar code.
+
+    use std::arch::x86_64::*;
+
+    use super::bf16;
+
+    /// bf16 → f32 is a 16-bit shift into the high half of each lane.
+    #[inline(always)]
+    fn widen(v: bf16) -> f32 {
+        f32::from_bits(u32::from(v.to_bits()) << 16)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f32_avx512_rt<const R: usize, const T: usize>(
+        w: *const f32,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        os: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let steps = cols / 16;
+        for i in 0..steps {
+            let mut xv = [_mm512_setzero_ps(); T];
+            for (t, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(x.add(t * cols + i * 16));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_loadu_ps(w.add(r * cols + i * 16));
+                for t in 0..T {
+                    a[t] = _mm512_fmadd_ps(wv, xv[t], a[t]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for t in 0..T {
+                let mut s = _mm512_reduce_add_ps(a[t]);
+                for c in steps * 16..cols {
+                    s += *w.add(r * cols + c) * *x.add(t * cols + c);
+                }
+                *out.add(t * os + r) = s;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn bf16_avx512_rt<const R: usize, const T: usize>(
+        w: *const bf16,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        os: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let steps = cols / 16;
+        for i in 0..steps {
+            let mut xv = [_mm512_setzero_ps(); T];
+            for (t, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(x.add(t * cols + i * 16));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let h = _mm256_loadu_si256(w.add(r * cols + i * 16) as *const __m256i);
+                let wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                for t in 0..T {
+                    a[t] = _mm512_fmadd_ps(wv, xv[t], a[t]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for t in 0..T {
+                let mut s = _mm512_reduce_add_ps(a[t]);
+                for c in steps * 16..cols {
+                    s += widen(*w.add(r * cols + c)) * *x.add(t * cols + c);
+                }
+                *out.add(t * os + r) = s;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn bf16_avx512bf16_rt<const R: usize, const T: usize>(
+        w: *const bf16,
+        x: *const bf16,
+        cols: usize,
+        out: *mut f32,
+        os: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let steps = cols / 32;
+        for i in 0..steps {
+            let mut xv = [_mm512_setzero_si512(); T];
+            for (t, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(x.add(t * cols + i * 32) as *const __m512i);
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                    w.add(r * cols + i * 32) as *const __m512i,
+                ));
+                for t in 0..T {
+                    a[t] =
+                        _mm512_dpbf16_ps(a[t], wv, std::mem::transmute::<__m512i, __m512bh>(xv[t]));
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for t in 0..T {
+                let mut s = _mm512_reduce_add_ps(a[t]);
+                for c in steps * 32..cols {
+                    s += widen(*w.add(r * cols + c)) * widen(*x.add(t * cols + c));
+                }
+                *out.add(t * os + r) = s;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn f32_avx2_rt<const R: usize, const T: usize>(
+        w: *const f32,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        os: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let steps = cols / 8;
+        for i in 0..steps {
+            let mut xv = [_mm256_setzero_ps(); T];
+            for (t, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(x.add(t * cols + i * 8));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_ps(w.add(r * cols + i * 8));
+                for t in 0..T {
+                    a[t] = _mm256_fmadd_ps(wv, xv[t], a[t]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for t in 0..T {
+                let mut s = hsum256(a[t]);
+                for c in steps * 8..cols {
+                    s += *w.add(r * cols + c) * *x.add(t * cols + c);
+                }
+                *out.add(t * os + r) = s;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn bf16_avx2_rt<const R: usize, const T: usize>(
+        w: *const bf16,
+        x: *const f32,
+        cols: usize,
+        out: *mut f32,
+        os: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let steps = cols / 8;
+        for i in 0..steps {
+            let mut xv = [_mm256_setzero_ps(); T];
+            for (t, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(x.add(t * cols + i * 8));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let h = _mm_loadu_si128(w.add(r * cols + i * 8) as *const __m128i);
+                let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                for t in 0..T {
+                    a[t] = _mm256_fmadd_ps(wv, xv[t], a[t]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for t in 0..T {
+                let mut s = hsum256(a[t]);
+                for c in steps * 8..cols {
+                    s += widen(*w.add(r * cols + c)) * *x.add(t * cols + c);
+                }
+                *out.add(t * os + r) = s;
+            }
+        }
+    }
+
+    /// The `tile_*` entry points, one per `*_rt`.
+    macro_rules! entry {
+        ($name:ident, $rt:ident, $features:literal, $w:ty, $x:ty) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(
+                w: *const $w,
+                x: *const $x,
+                cols: usize,
+                out: *mut f32,
+                out_stride: usize,
+                r: usize,
+                t: usize,
+            ) {
+                dispatch_tile!(r, t, $rt(w, x, cols, out, out_stride))
+            }
+        };
+    }
+    entry!(tile_f32_avx512, f32_avx512_rt, "avx512f", f32, f32);
+    entry!(tile_bf16_avx512, bf16_avx512_rt, "avx512f", bf16, f32);
+    entry!(
+        tile_bf16_avx512bf16,
+        bf16_avx512bf16_rt,
+        "avx512f,avx512bf16",
+        bf16,
+        bf16
+    );
+    entry!(tile_f32_avx2, f32_avx2_rt, "avx2,fma", f32, f32);
+    entry!(tile_bf16_avx2, bf16_avx2_rt, "avx2,fma", bf16, f32);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in about [-1, 1).
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, tokens: usize) -> Vec<f64> {
+        let mut out = vec![0f64; tokens * rows];
+        for t in 0..tokens {
+            for r in 0..rows {
+                out[t * rows + r] = (0..cols)
+                    .map(|c| f64::from(w[r * cols + c]) * f64::from(x[t * cols + c]))
+                    .sum();
+            }
+        }
+        out
+    }
+
+    /// Every available kernel, f32 and bf16 weights, odd shapes (partial
+    /// tiles, columns that are not a whole SIMD step, chunks over several
+    /// tasks) against an f64 reference on the same (bf16-rounded) weights.
+    #[test]
+    fn every_kernel_matches_the_f64_reference() -> Result<()> {
+        for &(rows, cols, tokens) in &[
+            (1, 7, 1),
+            (5, 40, 3),
+            (37, 96, 1),
+            (130, 200, 6),
+            (301, 896, 9),
+        ] {
+            let w = data(rows * cols, rows as u64);
+            let x = data(tokens * cols, cols as u64);
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wr: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let want32 = reference(&w, &x, rows, cols, tokens);
+            let want16 = reference(&wr, &x, rows, cols, tokens);
+            for kernel in DenseKernel::available() {
+                let got = matmul(kernel, Weights::F32(&w), rows, cols, &x, tokens)?;
+                for (g, e) in got.iter().zip(&want32) {
+                    assert!(
+                        (f64::from(*g) - e).abs() < 1e-4 * (cols as f64).sqrt(),
+                        "{kernel:?} f32 {rows}x{cols}x{tokens}: {g} vs {e}"
+                    );
+                }
+                let got = matmul(kernel, Weights::Bf16(&wb), rows, cols, &x, tokens)?;
+                // Avx512Bf16 rounds activations to bf16 too (8 bits of
+                // mantissa): about 2^-9 relative per term.
+                let tol = if kernel == DenseKernel::Avx512Bf16 {
+                    1e-2
+                } else {
+                    1e-4
+                } * (cols as f64).sqrt();
+                for (g, e) in got.iter().zip(&want16) {
+                    assert!(
+                        (f64::from(*g) - e).abs() < tol,
+                        "{kernel:?} bf16 {rows}x{cols}x{tokens}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        let w = vec![0f32; 12];
+        assert!(matmul(DenseKernel::Scalar, Weights::F32(&w), 3, 5, &[0.0; 5], 1).is_err());
+        assert!(matmul(DenseKernel::Scalar, Weights::F32(&w), 3, 4, &[0.0; 5], 1).is_err());
+    }
+
+    #[test]
+    fn tensor_product_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.05, (48, 96), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 96), &dev)?;
+        let want = x.broadcast_matmul(&w.t()?)?;
+        let got = matmul_tensor(&w, &x)?;
+        assert_eq!(got.dims(), &[2, 3, 48]);
+        let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-4, "{err}");
+        let wb = w.to_dtype(DType::BF16)?;
+        let got = matmul_tensor(&wb, &x)?;
+        let want = x.broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
+        let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 0.02, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn chunks_are_whole_tiles_and_cover_the_rows() {
+        for &(rows, row_bytes, tokens) in &[
+            (1, 4, 1),
+            (4864, 3584, 1),
+            (896, 19456, 64),
+            (151936, 1792, 1),
+            (5, 40, 3),
+        ] {
+            let n = chunk_rows(rows, row_bytes, tokens);
+            assert!(n >= 1 && n <= rows);
+            assert!(n % TILE == 0 || n == rows, "{rows} rows -> chunks of {n}");
+        }
+    }
+}
