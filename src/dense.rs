@@ -149,7 +149,8 @@ pub fn matmul(
 ///
 /// bf16 always (candle has no bf16 CPU kernel). f32 only for few tokens:
 /// past them `gemm`'s blocked, threaded matrix-matrix product is the faster
-/// (see `benches/kernels.rs`).
+/// (`benches/dense.rs`: at 896→4864, 16 tokens took 1.9 ms here against
+/// gemm's 3.0 ms, 64 tokens 6.9 ms against 3.6 ms).
 pub fn handles(dtype: DType, device: &Device, tokens: usize) -> bool {
     device.is_cpu()
         && match dtype {
@@ -160,7 +161,7 @@ pub fn handles(dtype: DType, device: &Device, tokens: usize) -> bool {
 }
 
 /// Up to this many tokens, f32 products run here rather than in `gemm`.
-pub const F32_MAX_TOKENS: usize = 4;
+pub const F32_MAX_TOKENS: usize = 16;
 
 /// `x · Wᵀ` for CPU tensors: `w` is `[out, in]` (f32 or bf16), `x` is
 /// `[..., in]` in any float dtype; the result is `[..., out]` in f32.
