@@ -93,6 +93,10 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// One divisor per frequency, given as numbers rather than a formula:
+    /// how GGUF files carry Llama 3.1's scaling (llama.cpp's
+    /// `rope_freqs.weight`).
+    Factors(Vec<f32>),
 }
 
 /// Rotary embedding parameters for one group of layers.

@@ -18,6 +18,14 @@ pub enum Error {
     #[error("'{0}' is not a valid revision: give a branch, a tag or a commit hash")]
     BadRevision(String),
 
+    /// `--model` names a `.gguf` file that does not exist.
+    #[error("the GGUF file {0} does not exist (for a Hub repo, give --model org/name --gguf-file FILE.gguf)")]
+    NoSuchGguf(PathBuf),
+
+    /// `--gguf-file` does not name a single `.gguf` file inside the model.
+    #[error("--gguf-file '{name}': {message}")]
+    BadGgufFile { name: String, message: String },
+
     /// A required file is absent from a local model folder.
     #[error("{file} is missing from the model folder {dir}")]
     MissingFile { dir: PathBuf, file: String },
@@ -77,13 +85,25 @@ pub enum Error {
     #[error("{path} is not a valid safetensors file: {message}")]
     CorruptWeights { path: PathBuf, message: String },
 
+    /// A GGUF file is truncated, corrupt or not GGUF at all.
+    #[error("{path} is not a valid GGUF file: {message}")]
+    CorruptGguf { path: PathBuf, message: String },
+
+    /// A GGUF tensor is stored in a type taper cannot load.
+    #[error("tensor '{name}' in {path} is stored as {dtype}, which taper cannot load (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K-Q6_K)")]
+    GgufTensorType {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+    },
+
     /// A tensor the architecture needs is in none of the weight files.
     #[error("tensor '{name}' is missing from the weights ({files})")]
     MissingTensor { name: String, files: String },
 
     /// A tensor has a different shape from the one the config implies.
     #[error(
-        "tensor '{name}' in {path} has shape {found:?}, expected {expected:?} from config.json"
+        "tensor '{name}' in {path} has shape {found:?}, expected {expected:?} from the model's config"
     )]
     TensorShape {
         name: String,
@@ -91,6 +111,11 @@ pub enum Error {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
+
+    /// Quantized weight bytes that do not fit their format or shape (a
+    /// length, or a row that is not whole blocks).
+    #[error("quantized weights: {0}")]
+    Quant(String),
 
     /// A tensor has a dtype taper cannot load.
     #[error("tensor '{name}' in {path} has dtype {dtype}, which taper cannot load (expected F32, F16 or BF16)")]

@@ -6,9 +6,10 @@
 //! `HF_ENDPOINT`) through hf-hub's blocking client, and shares the on-disk cache
 //! with Python's `huggingface_hub` (`models--org--name/{blobs,snapshots,refs}`),
 //! so a model downloaded by either is found by the other. Offline mode reads
-//! that cache and never opens a connection. The CLI builds a [`ModelSource`] and
-//! [`HubOptions`]; the loaders get [`ModelFiles`] and never see where the files
-//! came from.
+//! that cache and never opens a connection. The CLI builds a [`ModelRequest`]
+//! (a source, and the GGUF file in it when the weights are GGUF) and
+//! [`HubOptions`]; the loaders get [`ModelFiles`] or [`GgufFiles`] and never
+//! see where the files came from.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -81,6 +82,96 @@ impl fmt::Display for ModelSource {
             ModelSource::Hub { repo, revision } => write!(f, "{repo}@{revision}"),
         }
     }
+}
+
+/// What `--model` and `--gguf-file` ask for together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRequest {
+    pub source: ModelSource,
+    /// The GGUF file inside `source` to load the model from; `None` for
+    /// `config.json` and safetensors.
+    pub gguf_file: Option<String>,
+}
+
+impl ModelRequest {
+    /// `model` is a folder, a Hub repo id or a `.gguf` file; `gguf_file`
+    /// names a GGUF file inside a folder or repo. A `.gguf` file stands for
+    /// its folder with `gguf_file` set to its name, so its companions
+    /// (tokenizer.json, ...) are looked for next to it.
+    pub fn parse(model: &str, revision: Option<&str>, gguf_file: Option<&str>) -> Result<Self> {
+        if is_gguf_name(model) {
+            let path = Path::new(model);
+            if !path.is_file() {
+                return Err(Error::NoSuchGguf(path.to_path_buf()));
+            }
+            if let Some(name) = gguf_file {
+                return Err(Error::BadGgufFile {
+                    name: name.to_string(),
+                    message: format!(
+                        "--model already names the file {model}; give --model its folder instead"
+                    ),
+                });
+            }
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| Error::NoSuchGguf(path.to_path_buf()))?;
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if revision.is_some() {
+                tracing::warn!("ignoring --revision: {model} is a local file");
+            }
+            return Ok(ModelRequest {
+                source: ModelSource::Local(dir),
+                gguf_file: Some(name),
+            });
+        }
+        let source = ModelSource::parse(model, revision)?;
+        if let Some(name) = gguf_file {
+            check_gguf_name(name)?;
+        }
+        Ok(ModelRequest {
+            source,
+            gguf_file: gguf_file.map(str::to_string),
+        })
+    }
+}
+
+fn is_gguf_name(name: &str) -> bool {
+    name.to_ascii_lowercase().ends_with(".gguf")
+}
+
+/// A `--gguf-file` must be one whole `.gguf` file inside the model.
+fn check_gguf_name(name: &str) -> Result<()> {
+    let bad = |message: &str| {
+        Err(Error::BadGgufFile {
+            name: name.to_string(),
+            message: message.to_string(),
+        })
+    };
+    if !is_gguf_name(name) {
+        return bad("the name must end in .gguf");
+    }
+    if !is_inside(name) {
+        return bad("it must be a file inside the model's folder or repo");
+    }
+    // llama.cpp's split files (`…-00001-of-00003.gguf`) each hold part of
+    // the tensors.
+    let stem = &name[..name.len() - ".gguf".len()];
+    let split = stem.rsplit_once("-of-").is_some_and(|(head, total)| {
+        let part = head.rsplit('-').next().unwrap_or("");
+        [part, total]
+            .iter()
+            .all(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if split {
+        return bad(
+            "split GGUF files are not supported: merge the parts with              `llama-gguf-split --merge` first",
+        );
+    }
+    Ok(())
 }
 
 /// The Hub's rule for repo ids: one or two segments of word characters, `-`
@@ -223,6 +314,52 @@ pub struct ModelFiles {
     /// `model.safetensors`, or the shards named in
     /// `model.safetensors.index.json`, sorted, each once.
     pub weights: Vec<PathBuf>,
+}
+
+/// The files of a model whose weights (and hyper-parameters) are one GGUF
+/// file. The others are optional: without `tokenizer.json` the tokenizer is
+/// built from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufFiles {
+    pub gguf: PathBuf,
+    pub generation_config: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub tokenizer_config: Option<PathBuf>,
+    pub chat_template: Option<PathBuf>,
+}
+
+/// A model's files, whichever format its weights are in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolvedModel {
+    Safetensors(ModelFiles),
+    Gguf(GgufFiles),
+}
+
+/// Finds (downloading what is missing) the files a [`ModelRequest`] names.
+pub fn resolve_request(request: &ModelRequest, opts: &HubOptions) -> Result<ResolvedModel> {
+    let Some(name) = &request.gguf_file else {
+        return resolve(&request.source, opts).map(ResolvedModel::Safetensors);
+    };
+    let files = match &request.source {
+        ModelSource::Local(dir) => resolve_gguf_from(&mut LocalDir { dir }, name)?,
+        ModelSource::Hub { repo, revision } => {
+            resolve_gguf_from(&mut HubRepo::new(repo, revision, opts)?, name)?
+        }
+    };
+    Ok(ResolvedModel::Gguf(files))
+}
+
+fn resolve_gguf_from(files: &mut dyn Files, name: &str) -> Result<GgufFiles> {
+    check_gguf_name(name)?;
+    // The GGUF first: a wrong repo or revision shows up on the file asked for.
+    let gguf = files.required(name)?;
+    Ok(GgufFiles {
+        gguf,
+        generation_config: files.optional(GENERATION_CONFIG)?,
+        tokenizer: files.optional(TOKENIZER)?,
+        tokenizer_config: files.optional(TOKENIZER_CONFIG)?,
+        chat_template: files.optional(CHAT_TEMPLATE)?,
+    })
 }
 
 /// Finds (and for the Hub, downloads unless cached) the files of a model.

@@ -14,6 +14,7 @@ pub mod dense;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod hub;
 pub mod kv_cache;
 pub mod metrics;

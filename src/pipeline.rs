@@ -1,5 +1,7 @@
 //! A model ready to chat: the decoder, its tokenizer, its chat template and
-//! its generation defaults, loaded together from one model source.
+//! its generation defaults, loaded together from one model source: a
+//! `config.json` with safetensors, or a GGUF file (with its own metadata
+//! standing in for whatever companion files the model lacks).
 //!
 //! The CLI and the server both start here; neither knows about files.
 
@@ -9,7 +11,8 @@ use candle_core::{DType, Device};
 
 use crate::chat_template::{ChatTemplate, Message, RenderOptions};
 use crate::config::GenerationConfig;
-use crate::hub::ModelFiles;
+use crate::gguf::{self, GgufFile, GgufWeights};
+use crate::hub::{GgufFiles, ModelFiles, ResolvedModel};
 use crate::models::Decoder;
 use crate::quant::Quant;
 use crate::sampling::SamplingParams;
@@ -50,39 +53,88 @@ impl Pipeline {
                 file: "tokenizer.json".into(),
             })?;
         let tokenizer = Tokenizer::from_files(tokenizer_path, files.tokenizer_config.as_deref())?;
-        let template = match chat_template {
-            Some(path) => Some(ChatTemplate::from_file(
-                path,
-                files.tokenizer_config.as_deref(),
-            )?),
-            // tokenizer_config.json's reader also picks up a sibling
-            // chat_template.jinja, which takes precedence as in transformers.
-            None => match (&files.tokenizer_config, &files.chat_template) {
-                (Some(cfg), _) => ChatTemplate::from_tokenizer_config(cfg)?,
-                (None, Some(jinja)) => Some(ChatTemplate::from_file(jinja, None)?),
-                (None, None) => None,
-            },
-        };
-        let generation = match &files.generation_config {
-            Some(p) => GenerationConfig::from_file(p)?,
-            None => GenerationConfig::default(),
-        };
+        let template = template_from_files(
+            chat_template,
+            files.tokenizer_config.as_deref(),
+            files.chat_template.as_deref(),
+        )?;
+        let generation = generation_config(files.generation_config.as_deref())?;
         let model =
             crate::models::load_quantized(&files.config, &files.weights, dtype, device, quant)?;
+        Ok(Self::assemble(model, tokenizer, template, generation))
+    }
 
+    /// Loads a model from a GGUF file: hyper-parameters and weights from
+    /// the file; the tokenizer and chat template from `tokenizer.json` and
+    /// `tokenizer_config.json` when the model has them, else from the
+    /// file's metadata. Weights stored as Q8_0 stay Q8_0 on the CPU.
+    pub fn load_gguf(
+        files: &GgufFiles,
+        dtype: DType,
+        device: &Device,
+        quant: Quant,
+        chat_template: Option<&Path>,
+    ) -> Result<Self> {
+        let file = GgufFile::open(&files.gguf)?;
+        let config = gguf::model_config(&file)?;
+        let tokenizer = match &files.tokenizer {
+            Some(path) => Tokenizer::from_files(path, files.tokenizer_config.as_deref())?,
+            None => gguf::tokenizer::tokenizer(&file)?,
+        };
+        let template = match template_from_files(
+            chat_template,
+            files.tokenizer_config.as_deref(),
+            files.chat_template.as_deref(),
+        )? {
+            Some(template) => Some(template),
+            None => gguf::tokenizer::chat_template(&file)?,
+        };
+        let generation = generation_config(files.generation_config.as_deref())?;
+        let weights = GgufWeights::new(&file, &config);
+        // The mapping is dropped on return: the model owns copies.
+        let model = Decoder::load(config, &weights, dtype, device, quant)?;
+        Ok(Self::assemble(model, tokenizer, template, generation))
+    }
+
+    /// [`load`](Self::load) or [`load_gguf`](Self::load_gguf), as the files
+    /// say.
+    pub fn load_resolved(
+        files: &ResolvedModel,
+        dtype: DType,
+        device: &Device,
+        quant: Quant,
+        chat_template: Option<&Path>,
+    ) -> Result<Self> {
+        match files {
+            ResolvedModel::Safetensors(files) => {
+                Self::load(files, dtype, device, quant, chat_template)
+            }
+            ResolvedModel::Gguf(files) => {
+                Self::load_gguf(files, dtype, device, quant, chat_template)
+            }
+        }
+    }
+
+    /// The parts put together, with the stop tokens of all of them.
+    fn assemble(
+        model: Decoder,
+        tokenizer: Tokenizer,
+        template: Option<ChatTemplate>,
+        generation: GenerationConfig,
+    ) -> Self {
         let mut eos_ids = generation.eos_token_ids.clone();
         eos_ids.extend(&model.config().eos_token_ids);
         eos_ids.extend(tokenizer.eos_id());
         let mut seen = std::collections::HashSet::new();
         eos_ids.retain(|id| seen.insert(*id));
 
-        Ok(Pipeline {
+        Pipeline {
             model,
             tokenizer,
             template,
             generation,
             eos_ids,
-        })
+        }
     }
 
     /// The model's context length in tokens.
@@ -142,5 +194,30 @@ impl Pipeline {
             p.repetition_penalty = r as f32;
         }
         p
+    }
+}
+
+/// The chat template: `--chat-template` first, then tokenizer_config.json's
+/// (whose reader also picks up a sibling chat_template.jinja, which takes
+/// precedence as in transformers), then a lone chat_template.jinja.
+fn template_from_files(
+    chat_template: Option<&Path>,
+    tokenizer_config: Option<&Path>,
+    jinja: Option<&Path>,
+) -> Result<Option<ChatTemplate>> {
+    Ok(match chat_template {
+        Some(path) => Some(ChatTemplate::from_file(path, tokenizer_config)?),
+        None => match (tokenizer_config, jinja) {
+            (Some(cfg), _) => ChatTemplate::from_tokenizer_config(cfg)?,
+            (None, Some(jinja)) => Some(ChatTemplate::from_file(jinja, None)?),
+            (None, None) => None,
+        },
+    })
+}
+
+fn generation_config(path: Option<&Path>) -> Result<GenerationConfig> {
+    match path {
+        Some(p) => GenerationConfig::from_file(p),
+        None => Ok(GenerationConfig::default()),
     }
 }

@@ -72,6 +72,24 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// A tokenizer built in memory (from GGUF metadata); `origin` names its
+    /// source in messages.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        origin: PathBuf,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+        add_bos: bool,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            path: origin,
+            bos_id,
+            eos_id,
+            add_bos,
+        }
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -1,5 +1,7 @@
-//! Memory-mapped safetensors: the index of every tensor in a model's weight
-//! files, and loading one tensor at a time with its shape and dtype checked.
+//! Where a model's tensors come from ([`TensorSource`]), and its
+//! safetensors implementation: memory-mapped files, the index of every tensor
+//! in them, and loading one tensor at a time with its shape and dtype checked.
+//! GGUF files are the other source (`crate::gguf`).
 //!
 //! Each tensor is copied out of the mapping into the device's storage and its
 //! pages are then handed back to the kernel (`MADV_DONTNEED`), so loading a
@@ -8,13 +10,40 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
+use crate::quant::QMatrix;
 use crate::{Error, Result};
+
+/// Where the decoder's tensors come from, named by their Hugging Face
+/// checkpoint names (`model.layers.0.self_attn.q_proj.weight`), with
+/// Hugging Face's shapes (`[out, in]`) and values: a source that stores them
+/// otherwise (GGUF's names, permuted rows, Gemma's `1 + w` norms) translates,
+/// so `Decoder::load` is one function for every format.
+pub trait TensorSource {
+    /// Loads `name`, checking it has `shape`, converting it to `dtype` on
+    /// `device` (dequantizing it if it is stored quantized).
+    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+
+    /// Rows `rows` of the 2-D weight `name` (of `shape`) in the quantized
+    /// format it is stored in, when the CPU kernels run that format, so a
+    /// quantized file is used without a dense copy; `Ok(None)` when it is
+    /// stored dense (then [`load`](Self::load) it).
+    fn load_quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: Range<usize>,
+    ) -> Result<Option<QMatrix>> {
+        let _ = (name, shape, rows);
+        Ok(None)
+    }
+}
 
 struct MappedFile {
     path: PathBuf,
@@ -102,14 +131,17 @@ impl WeightStore {
         self.tensors.values().map(|t| t.end - t.start).sum()
     }
 
-    /// Loads `name`, checking it has `shape`, converting it to `dtype` on `device`.
-    pub fn load(
-        &self,
-        name: &str,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    fn file_list(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl TensorSource for WeightStore {
+    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_owned(),
             files: self.file_list(),
@@ -144,20 +176,12 @@ impl WeightStore {
         release_pages(&file.mmap, start, end - start);
         Ok(tensor)
     }
-
-    fn file_list(&self) -> String {
-        self.files
-            .iter()
-            .map(|f| f.path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
 }
 
 /// Gives a copied range's pages back to the kernel so they stop counting
 /// towards RSS; they are re-read from the file if ever touched again.
 #[cfg(unix)]
-fn release_pages(mmap: &Mmap, offset: usize, len: usize) {
+pub(crate) fn release_pages(mmap: &Mmap, offset: usize, len: usize) {
     // SAFETY: the mapping is private and read-only, so dropping its pages
     // loses nothing: later reads fault them back in from the file. No slice
     // into this range outlives the copy made just before.
@@ -165,7 +189,7 @@ fn release_pages(mmap: &Mmap, offset: usize, len: usize) {
 }
 
 #[cfg(not(unix))]
-fn release_pages(_mmap: &Mmap, _offset: usize, _len: usize) {}
+pub(crate) fn release_pages(_mmap: &Mmap, _offset: usize, _len: usize) {}
 
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;

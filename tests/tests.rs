@@ -6,6 +6,7 @@ mod chat_pty;
 mod chat_template;
 mod cli;
 mod common;
+mod gguf;
 mod hub;
 mod parity;
 mod quant;

@@ -8,16 +8,22 @@ use anyhow::Context;
 use clap::Args;
 
 use taper::device::{DTypeSpec, DeviceSpec};
-use taper::hub::{self, HubOptions, ModelFiles, ModelSource};
+use taper::hub::{self, HubOptions, ModelRequest, ResolvedModel};
 use taper::pipeline::Pipeline;
 use taper::quant::Quant;
 
 /// Where the model comes from and where it runs.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A Hub repo id (`org/name`) or a local folder with config.json and safetensors.
+    /// A Hub repo id (`org/name`), a local folder with config.json and
+    /// safetensors, or a local .gguf file.
     #[arg(long, short = 'm')]
     pub model: String,
+
+    /// Load the model from this GGUF file of the repo or folder (its
+    /// tokenizer.json is used when present, else the GGUF's own tokenizer).
+    #[arg(long, value_name = "NAME.gguf")]
+    pub gguf_file: Option<String>,
 
     /// Hub revision: a branch, tag or commit.
     #[arg(long)]
@@ -49,9 +55,13 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// Resolves the model's files (downloading what is missing).
-    pub fn resolve(&self) -> anyhow::Result<ModelFiles> {
-        let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
-        let files = hub::resolve(&source, &HubOptions::from_env())
+    pub fn resolve(&self) -> anyhow::Result<ResolvedModel> {
+        let request = ModelRequest::parse(
+            &self.model,
+            self.revision.as_deref(),
+            self.gguf_file.as_deref(),
+        )?;
+        let files = hub::resolve_request(&request, &HubOptions::from_env())
             .with_context(|| format!("resolving model '{}'", self.model))?;
         Ok(files)
     }
@@ -96,7 +106,8 @@ impl ModelArgs {
             spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
         let start = Instant::now();
-        let loaded = Pipeline::load(&files, dtype, &device, quant, self.chat_template.as_deref());
+        let loaded =
+            Pipeline::load_resolved(&files, dtype, &device, quant, self.chat_template.as_deref());
         spinner.finish_and_clear();
         let pipeline = loaded.with_context(|| format!("loading model '{}'", self.model))?;
         let cfg = pipeline.model.config();

@@ -21,7 +21,7 @@ use crate::models::layers::{
     apply_rope, compute_dtype, soft_cap, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
 };
 use crate::quant::Quant;
-use crate::weights::WeightStore;
+use crate::weights::TensorSource;
 use crate::{Error, Result};
 
 /// Which logits a sequence needs back.
@@ -89,7 +89,7 @@ impl Decoder {
     /// embedding lookup) is quantized as soon as it is read.
     pub fn load(
         config: ModelConfig,
-        store: &WeightStore,
+        store: &dyn TensorSource,
         dtype: DType,
         device: &Device,
         quant: Quant,
@@ -114,6 +114,37 @@ impl Decoder {
         let linear = |prefix: &str, in_dim: usize, out_dim: usize, bias: bool| {
             Linear::load(store, prefix, in_dim, out_dim, bias, dtype, device, quant)
         };
+        // Phi-3's fused projections, split by rows into one Linear each.
+        let fused = |name: &str, parts: &[usize]| -> Result<Vec<Linear>> {
+            let rows: usize = parts.iter().sum();
+            let ranges: Vec<_> = parts
+                .iter()
+                .scan(0, |start, &len| {
+                    *start += len;
+                    Some(*start - len..*start)
+                })
+                .collect();
+            // Stored quantized (GGUF): each part's rows, as stored.
+            if device.is_cpu() {
+                let mut quantized = Vec::with_capacity(parts.len());
+                for r in &ranges {
+                    match store.load_quantized(name, &[rows, h], r.clone())? {
+                        Some(q) => quantized.push(Linear::from_quantized(q, None)),
+                        None => break,
+                    }
+                }
+                if quantized.len() == parts.len() {
+                    return Ok(quantized);
+                }
+            }
+            let w = store.load(name, &[rows, h], wdtype, device)?;
+            ranges
+                .into_iter()
+                .map(|r| {
+                    Linear::quantized(w.narrow(0, r.start, r.len())?.contiguous()?, None, quant)
+                })
+                .collect()
+        };
 
         let embed = Embedding::new(store.load(
             "model.embed_tokens.weight",
@@ -131,20 +162,9 @@ impl Decoder {
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let (q, k, v) = if c.fused_qkv {
-                let w = store.load(
-                    &format!("{p}.self_attn.qkv_proj.weight"),
-                    &[q_dim + 2 * kv_dim, h],
-                    wdtype,
-                    device,
-                )?;
-                let part = |start, len| -> Result<Linear> {
-                    Linear::quantized(w.narrow(0, start, len)?.contiguous()?, None, quant)
-                };
-                (
-                    part(0, q_dim)?,
-                    part(q_dim, kv_dim)?,
-                    part(q_dim + kv_dim, kv_dim)?,
-                )
+                let name = format!("{p}.self_attn.qkv_proj.weight");
+                let [q, k, v] = split_parts(fused(&name, &[q_dim, kv_dim, kv_dim])?)?;
+                (q, k, v)
             } else {
                 (
                     linear(&format!("{p}.self_attn.q_proj"), h, q_dim, c.qkv_bias)?,
@@ -168,16 +188,9 @@ impl Decoder {
 
             let inter = c.intermediate_size;
             let (gate, up) = if c.fused_gate_up {
-                let w = store.load(
-                    &format!("{p}.mlp.gate_up_proj.weight"),
-                    &[2 * inter, h],
-                    wdtype,
-                    device,
-                )?;
-                let part = |start, len| -> Result<Linear> {
-                    Linear::quantized(w.narrow(0, start, len)?.contiguous()?, None, quant)
-                };
-                (part(0, inter)?, part(inter, inter)?)
+                let name = format!("{p}.mlp.gate_up_proj.weight");
+                let [gate, up] = split_parts(fused(&name, &[inter, inter])?)?;
+                (gate, up)
             } else {
                 (
                     linear(&format!("{p}.mlp.gate_proj"), h, inter, c.mlp_bias)?,
@@ -229,8 +242,21 @@ impl Decoder {
         // Tied checkpoints may still carry an `lm_head.weight`; like
         // `transformers`, a tied model ignores it and uses the embeddings.
         let lm_head = if c.tie_word_embeddings {
-            // Quantizing copies the table: the lookup stays dense.
-            Linear::quantized(embed.table().clone(), None, quant)?
+            let stored = if device.is_cpu() {
+                store.load_quantized(
+                    "model.embed_tokens.weight",
+                    &[c.vocab_size, h],
+                    0..c.vocab_size,
+                )?
+            } else {
+                None
+            };
+            match stored {
+                // A table stored quantized serves as the head as it is.
+                Some(q) => Linear::from_quantized(q, None),
+                // Quantizing copies the table: the lookup stays dense.
+                None => Linear::quantized(embed.table().clone(), None, quant)?,
+            }
         } else {
             linear("lm_head", h, c.vocab_size, false)?
         };
@@ -547,6 +573,14 @@ impl Decoder {
         }
         Ok(Some(Tensor::from_vec(m, (n, kv_len), &self.device)?))
     }
+}
+
+/// The parts of a fused projection as an array (`fused` returns one per
+/// part asked for).
+fn split_parts<const N: usize>(parts: Vec<Linear>) -> Result<[Linear; N]> {
+    parts
+        .try_into()
+        .map_err(|_| Error::InvalidRequest(format!("a fused projection splits in {N}")))
 }
 
 impl std::fmt::Debug for Decoder {

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use crate::config::{Activation, Rope, RopeScaling};
 use crate::dense;
 use crate::quant::{self, Q8Matrix, QMatrix, Quant};
-use crate::weights::WeightStore;
+use crate::weights::TensorSource;
 use crate::{Error, Result};
 
 /// The dtype activations (and the KV cache) use for weights of `dtype` on
@@ -71,12 +71,14 @@ impl Linear {
         }
     }
 
-    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`). A quantized
-    /// weight is read in f32, quantized and the f32 copy dropped before the
-    /// next tensor is read, so the dense model never exists in memory.
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`). A weight
+    /// the source holds quantized (GGUF) is used as stored on the CPU,
+    /// whatever `quant` says. Otherwise, to quantize, the weight is read in
+    /// f32, quantized and the f32 copy dropped before the next tensor is
+    /// read, so the dense model never exists in memory.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
-        store: &WeightStore,
+        store: &dyn TensorSource,
         prefix: &str,
         in_dim: usize,
         out_dim: usize,
@@ -86,15 +88,22 @@ impl Linear {
         quant: Quant,
     ) -> Result<Self> {
         let name = format!("{prefix}.weight");
-        let weight = match quant {
-            Quant::None => store.load(&name, &[out_dim, in_dim], dtype, device)?,
-            _ => store.load(&name, &[out_dim, in_dim], DType::F32, &Device::Cpu)?,
-        };
         let bias = if bias {
             let bias_dtype = compute_dtype(dtype, device);
             Some(store.load(&format!("{prefix}.bias"), &[out_dim], bias_dtype, device)?)
         } else {
             None
+        };
+        // Quantized products run on the CPU only; elsewhere the source
+        // dequantizes.
+        if device.is_cpu() {
+            if let Some(q) = store.load_quantized(&name, &[out_dim, in_dim], 0..out_dim)? {
+                return Ok(Linear::from_quantized(q, bias));
+            }
+        }
+        let weight = match quant {
+            Quant::None => store.load(&name, &[out_dim, in_dim], dtype, device)?,
+            _ => store.load(&name, &[out_dim, in_dim], DType::F32, &Device::Cpu)?,
         };
         Linear::quantized(weight, bias, quant)
     }
@@ -182,7 +191,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(
-        store: &WeightStore,
+        store: &dyn TensorSource,
         name: &str,
         dim: usize,
         eps: f64,
@@ -237,6 +246,11 @@ pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
         .collect();
     match rope.scaling {
         RopeScaling::None => {}
+        RopeScaling::Factors(ref factors) => {
+            for (f, d) in inv.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
         RopeScaling::Linear { factor } => {
             for f in &mut inv {
                 *f /= factor as f32;

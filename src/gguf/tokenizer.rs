@@ -1,0 +1,299 @@
+//! A tokenizer from GGUF metadata, for files that come without
+//! `tokenizer.json`.
+//!
+//! llama.cpp's converter writes a byte-level BPE tokenizer (`tokenizer.ggml.
+//! model = "gpt2"`) as its vocabulary in id order (`tokens`), each token's
+//! kind (`token_type`: control tokens are the special ones), its merges
+//! (`"a b"` strings, by rank) and, in `pre`, a name for the pre-tokenizer
+//! (the regex splitting text into words), detected from the original
+//! tokenizer's behaviour. This module rebuilds the `tokenizers` pipeline
+//! that `tokenizer.json` would have described: the regex each `pre` name
+//! stands for is the one in the original models' `tokenizer.json` (llama.cpp
+//! keeps hand-adapted copies in `llama-vocab.cpp`), so encoding gives the
+//! same ids as the original tokenizer.
+//!
+//! SentencePiece vocabularies (`model = "llama"`: Llama 2, Mistral v0.1,
+//! Gemma) are refused with a message asking for `tokenizer.json`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::chat_template::ChatTemplate;
+use crate::gguf::GgufFile;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// `token_type` values (llama.cpp's `llama_token_attr` as gguf-py writes
+/// them).
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+
+/// Qwen2's split regex, from its tokenizer.json.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's: Qwen2's, with numbers in groups of up to three digits.
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The `tokenizer.ggml.pre` names taper knows, for messages.
+pub const SUPPORTED_PRE: &str = "gpt-2, qwen2, deepseek-r1-qwen, llama-bpe, llama3, llama-v3";
+
+/// The tokenizer metadata of a GGUF file.
+#[derive(Debug, Clone, Default)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model`: `gpt2` (byte-level BPE) or `llama`
+    /// (SentencePiece).
+    pub model: String,
+    /// `tokenizer.ggml.pre`: which pre-tokenizer regex.
+    pub pre: Option<String>,
+    /// Every token's text, by id.
+    pub tokens: Vec<String>,
+    /// Every token's kind, by id (may be empty: all normal).
+    pub token_types: Vec<i32>,
+    /// BPE merges, `"left right"`, highest priority first.
+    pub merges: Vec<String>,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token`; absent: the pre-tokenizer's default.
+    pub add_bos: Option<bool>,
+}
+
+impl GgufVocab {
+    /// Reads `tokenizer.ggml.*`.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let model = f
+            .str("tokenizer.ggml.model")?
+            .ok_or_else(|| {
+                f.err(
+                    "has no tokenizer (no 'tokenizer.ggml.model'): put the model's tokenizer.json next to it"
+                        .into(),
+                )
+            })?
+            .to_string();
+        let strings = |key: &str| -> Result<Vec<String>> {
+            Ok(f.strings(key)?
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_string)
+                .collect())
+        };
+        let token_types = f
+            .ints("tokenizer.ggml.token_type")?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| i32::try_from(t).unwrap_or(0))
+            .collect();
+        Ok(GgufVocab {
+            model,
+            pre: f.str("tokenizer.ggml.pre")?.map(str::to_string),
+            tokens: strings("tokenizer.ggml.tokens")?,
+            token_types,
+            merges: strings("tokenizer.ggml.merges")?,
+            bos_id: f.token_id("tokenizer.ggml.bos_token_id")?,
+            eos_id: f.token_id("tokenizer.ggml.eos_token_id")?,
+            add_bos: f.bool("tokenizer.ggml.add_bos_token")?,
+        })
+    }
+
+    /// Builds the tokenizer; `origin` (the GGUF file) names it in messages.
+    pub fn build(&self, origin: &Path) -> Result<Tokenizer> {
+        let err = |message: String| Error::Config {
+            path: origin.to_path_buf(),
+            message,
+        };
+        match self.model.as_str() {
+            "gpt2" => {}
+            "llama" => {
+                return Err(err(
+                    "its tokenizer is SentencePiece (tokenizer.ggml.model 'llama'), which taper \
+                     cannot build from GGUF metadata yet: put the model's tokenizer.json (and \
+                     tokenizer_config.json) next to the GGUF file, or in the repo"
+                        .into(),
+                ))
+            }
+            other => {
+                return Err(err(format!(
+                "tokenizer.ggml.model '{other}' is not supported (supported: gpt2, byte-level BPE)"
+            )))
+            }
+        }
+        if self.tokens.is_empty() {
+            return Err(err("tokenizer.ggml.tokens is missing or empty".into()));
+        }
+        if !self.token_types.is_empty() && self.token_types.len() != self.tokens.len() {
+            return Err(err(format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                self.token_types.len(),
+                self.tokens.len()
+            )));
+        }
+        let pre = self.pre.as_deref().unwrap_or("(missing)");
+        // (split regex, ByteLevel's own GPT-2 regex, NFC, ignore_merges,
+        // BOS by default), as the original tokenizer.json files have them.
+        let (regex, nfc, ignore_merges, add_bos) = match pre {
+            "gpt-2" => (None, false, false, false),
+            "qwen2" | "deepseek-r1-qwen" => (Some(QWEN2_REGEX), true, false, false),
+            "llama-bpe" | "llama3" | "llama-v3" => (Some(LLAMA3_REGEX), false, true, true),
+            other => {
+                return Err(err(format!(
+                    "tokenizer.ggml.pre '{other}' is not a pre-tokenizer taper knows \
+                     (supported: {SUPPORTED_PRE}); put the model's tokenizer.json next to the GGUF file"
+                )))
+            }
+        };
+
+        let vocab: Vocab = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
+        if vocab.len() != self.tokens.len() {
+            return Err(err(
+                "tokenizer.ggml.tokens lists the same token twice".into()
+            ));
+        }
+        let merges = self
+            .merges
+            .iter()
+            .map(|m| split_merge(m).ok_or_else(|| err(format!("merge '{m}' is not two tokens"))))
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(ignore_merges)
+            .build()
+            .map_err(|e| err(format!("the BPE vocabulary does not build: {e}")))?;
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        if nfc {
+            inner.with_normalizer(Some(NFC));
+        }
+        let pre_tokenizer: PreTokenizerWrapper = match regex {
+            None => ByteLevel::new(false, true, true).into(),
+            Some(regex) => {
+                let split = Split::new(
+                    SplitPattern::Regex(regex.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| err(format!("the pre-tokenizer regex does not compile: {e}")))?;
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into()
+            }
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevel::default()));
+
+        // Control tokens are the special ones (skipped when decoding with
+        // `skip_special`); user-defined ones are matched whole but are text.
+        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
+            self.tokens
+                .iter()
+                .zip(&self.token_types)
+                .filter(|(_, &t)| t == kind)
+                .map(|(text, _)| AddedToken::from(text.clone(), special).normalized(false))
+                .collect()
+        };
+        inner.add_special_tokens(&added(CONTROL, true));
+        inner.add_tokens(&added(USER_DEFINED, false));
+
+        Ok(Tokenizer::from_parts(
+            inner,
+            origin.to_path_buf(),
+            self.bos_id,
+            self.eos_id,
+            self.add_bos.unwrap_or(add_bos),
+        ))
+    }
+}
+
+/// `"a b"` → `("a", "b")`, splitting at the first space after the first
+/// character as llama.cpp does (byte-level tokens hold no spaces).
+fn split_merge(merge: &str) -> Option<(String, String)> {
+    let first = merge.chars().next()?.len_utf8();
+    let at = first + merge[first..].find(' ')?;
+    let (left, right) = (&merge[..at], &merge[at + 1..]);
+    (!right.is_empty()).then(|| (left.to_string(), right.to_string()))
+}
+
+/// The tokenizer a GGUF file carries.
+pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer> {
+    GgufVocab::from_gguf(f)?.build(f.path())
+}
+
+/// `tokenizer.chat_template`, rendered with the file's BOS and EOS texts.
+pub fn chat_template(f: &GgufFile) -> Result<Option<ChatTemplate>> {
+    let Some(source) = f.str("tokenizer.chat_template")? else {
+        return Ok(None);
+    };
+    let tokens = f.strings("tokenizer.ggml.tokens")?.unwrap_or_default();
+    let text = |key: &str| -> Result<Option<String>> {
+        Ok(f.token_id(key)?
+            .and_then(|id| tokens.get(id as usize))
+            .map(|t| t.to_string()))
+    };
+    let mut special = BTreeMap::new();
+    for (name, key) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(t) = text(key)? {
+            special.insert(name.to_string(), t);
+        }
+    }
+    ChatTemplate::from_source(
+        source,
+        special,
+        format!("{} (tokenizer.chat_template)", f.path().display()),
+    )
+    .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_split_at_the_first_inner_space() {
+        assert_eq!(split_merge("Ġ t"), Some(("Ġ".into(), "t".into())));
+        assert_eq!(split_merge("a bc"), Some(("a".into(), "bc".into())));
+        assert_eq!(split_merge("ab"), None);
+        assert_eq!(split_merge("a "), None);
+        assert_eq!(split_merge(""), None);
+    }
+
+    #[test]
+    fn sentencepiece_and_unknown_pre_tokenizers_are_refused_by_name() {
+        let vocab = GgufVocab {
+            model: "llama".into(),
+            tokens: vec!["a".into()],
+            ..Default::default()
+        };
+        let err = vocab.build(Path::new("m.gguf")).unwrap_err().to_string();
+        assert!(
+            err.contains("m.gguf")
+                && err.contains("SentencePiece")
+                && err.contains("tokenizer.json"),
+            "{err}"
+        );
+        let vocab = GgufVocab {
+            model: "gpt2".into(),
+            pre: Some("falcon".into()),
+            tokens: vec!["a".into()],
+            ..Default::default()
+        };
+        let err = vocab.build(Path::new("m.gguf")).unwrap_err().to_string();
+        assert!(err.contains("'falcon'") && err.contains("qwen2"), "{err}");
+    }
+}

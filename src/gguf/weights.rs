@@ -1,0 +1,336 @@
+//! A GGUF file's tensors under the decoder's Hugging Face names.
+//!
+//! llama.cpp's converter renames every tensor (`model.layers.0.self_attn.
+//! q_proj.weight` → `blk.0.attn_q.weight`, gguf-py's `tensor_mapping.py`)
+//! and changes two kinds of values, both undone here so the decoder sees a
+//! Hugging Face checkpoint:
+//!
+//! - for the `llama` architecture it permutes the rows of Q and K within
+//!   each head (`LlamaModel.permute`: the two rotary halves interleaved, the
+//!   layout of Meta's original checkpoints, which llama.cpp's rotary kernel
+//!   expects). The decoder rotates Hugging Face's half-split layout, so the
+//!   rows are put back. Whole rows move, so a quantized matrix is permuted
+//!   block row by block row without dequantizing.
+//! - for Gemma it stores each norm's `1 + w` (Gemma's RMSNorm multiplies by
+//!   `1 + w`; llama.cpp's by its weight). The decoder adds the 1 itself, so
+//!   it is subtracted again; for the f32 norms the converter writes, this
+//!   gives back the stored value exactly when the decoder adds 1.
+//!
+//! Q8_0 projections are handed to the decoder as [`QMatrix`] without a dense
+//! copy; tables it looks rows up in (the embeddings) and weights in formats
+//! without CPU kernels are dequantized through candle.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use candle_core::quantized::{ggml_file, GgmlDType};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::gguf::{type_name, GgufFile, TensorEntry};
+use crate::quant::{self, QMatrix, Quant};
+use crate::weights::TensorSource;
+use crate::{Error, Result};
+
+/// What the converter did to a tensor, to be undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fix {
+    None,
+    /// Llama's Q or K: rows interleaved within each of `heads` heads.
+    Unpermute {
+        heads: usize,
+    },
+    /// Gemma's norms: stored as `1 + w`.
+    MinusOne,
+}
+
+/// A [`GgufFile`]'s tensors as a [`TensorSource`] for one model config.
+pub struct GgufWeights<'a> {
+    file: &'a GgufFile,
+    arch: Architecture,
+    num_heads: usize,
+    num_kv_heads: usize,
+    sandwich_norms: bool,
+}
+
+impl<'a> GgufWeights<'a> {
+    pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Self {
+        GgufWeights {
+            file,
+            arch: config.architecture,
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            sandwich_norms: config.sandwich_norms,
+        }
+    }
+
+    /// The GGUF name of a Hugging Face tensor name, and what to undo.
+    fn locate(&self, hf: &str) -> Option<(String, Fix)> {
+        let gemma = matches!(self.arch, Architecture::Gemma2 | Architecture::Gemma3);
+        let norm_fix = if gemma { Fix::MinusOne } else { Fix::None };
+        let top = match hf {
+            "model.embed_tokens.weight" => Some(("token_embd.weight".to_string(), Fix::None)),
+            "model.norm.weight" => Some(("output_norm.weight".to_string(), norm_fix)),
+            "lm_head.weight" => Some(("output.weight".to_string(), Fix::None)),
+            _ => None,
+        };
+        if top.is_some() {
+            return top;
+        }
+        let rest = hf.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let (module, suffix) = rest.rsplit_once('.')?;
+        let permuted = self.arch == Architecture::Llama;
+        let (name, fix) = match module {
+            "input_layernorm" => ("attn_norm", norm_fix),
+            "self_attn.q_proj" if permuted => (
+                "attn_q",
+                Fix::Unpermute {
+                    heads: self.num_heads,
+                },
+            ),
+            "self_attn.k_proj" if permuted => (
+                "attn_k",
+                Fix::Unpermute {
+                    heads: self.num_kv_heads,
+                },
+            ),
+            "self_attn.q_proj" => ("attn_q", Fix::None),
+            "self_attn.k_proj" => ("attn_k", Fix::None),
+            "self_attn.v_proj" => ("attn_v", Fix::None),
+            "self_attn.o_proj" => ("attn_output", Fix::None),
+            "self_attn.qkv_proj" => ("attn_qkv", Fix::None),
+            "self_attn.q_norm" => ("attn_q_norm", norm_fix),
+            "self_attn.k_norm" => ("attn_k_norm", norm_fix),
+            // Llama's norm before the MLP; Gemma's norm after attention.
+            "post_attention_layernorm" if self.sandwich_norms => ("post_attention_norm", norm_fix),
+            "post_attention_layernorm" | "pre_feedforward_layernorm" => ("ffn_norm", norm_fix),
+            "post_feedforward_layernorm" => ("post_ffw_norm", norm_fix),
+            "mlp.gate_proj" => ("ffn_gate", Fix::None),
+            "mlp.up_proj" => ("ffn_up", Fix::None),
+            "mlp.down_proj" => ("ffn_down", Fix::None),
+            // Phi-3's fused gate and up stay fused, as `ffn_up`.
+            "mlp.gate_up_proj" => ("ffn_up", Fix::None),
+            _ => return None,
+        };
+        Some((format!("blk.{layer}.{name}.{suffix}"), fix))
+    }
+
+    /// The entry for a Hugging Face name, its shape checked.
+    fn entry(&self, hf: &str, shape: &[usize]) -> Result<(String, &'a TensorEntry, Fix)> {
+        let missing = |gguf: &str| Error::MissingTensor {
+            name: format!("{gguf} ({hf})"),
+            files: self.file.path().display().to_string(),
+        };
+        let (gguf, fix) = self.locate(hf).ok_or_else(|| missing("no GGUF name"))?;
+        let entry = self.file.tensor(&gguf).ok_or_else(|| missing(&gguf))?;
+        if entry.shape != shape {
+            return Err(Error::TensorShape {
+                name: gguf,
+                path: self.file.path().to_path_buf(),
+                found: entry.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok((gguf, entry, fix))
+    }
+
+    fn unsupported(&self, name: &str, dtype: GgmlDType) -> Error {
+        Error::GgufTensorType {
+            name: name.to_string(),
+            path: self.file.path().to_path_buf(),
+            dtype: type_name(dtype).to_string(),
+        }
+    }
+
+    /// The tensor on the CPU, in its file dtype if that is a float type,
+    /// else dequantized to f32; with `fix` undone.
+    fn dense(&self, name: &str, entry: &TensorEntry, fix: Fix) -> Result<Tensor> {
+        let bytes = self.file.bytes(entry);
+        let shape = entry.shape.as_slice();
+        let cpu = &Device::Cpu;
+        let t = match entry.dtype {
+            GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, cpu)?,
+            GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape, cpu)?,
+            GgmlDType::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, shape, cpu)?,
+            GgmlDType::Q4_0
+            | GgmlDType::Q4_1
+            | GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q8_0
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K => {
+                ggml_file::qtensor_from_ggml(entry.dtype, bytes, shape.to_vec(), cpu)?
+                    .dequantize(cpu)?
+            }
+            // llama.cpp's intermediate types for activations; never weights.
+            GgmlDType::Q8_1 | GgmlDType::Q8K => return Err(self.unsupported(name, entry.dtype)),
+        };
+        Ok(match fix {
+            Fix::None => t,
+            Fix::MinusOne => t.to_dtype(DType::F32)?.affine(1.0, -1.0)?,
+            Fix::Unpermute { heads } => unpermute_tensor(&t, heads)?,
+        })
+    }
+}
+
+impl TensorSource for GgufWeights<'_> {
+    fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let (gguf, entry, fix) = self.entry(name, shape)?;
+        let t = self
+            .dense(&gguf, entry, fix)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        self.file.release(entry);
+        Ok(t)
+    }
+
+    fn load_quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: Range<usize>,
+    ) -> Result<Option<QMatrix>> {
+        let (gguf, entry, fix) = self.entry(name, shape)?;
+        let [n_rows, cols] = entry.shape[..] else {
+            return Ok(None);
+        };
+        if rows.end > n_rows || rows.start > rows.end {
+            return Err(Error::InvalidRequest(format!(
+                "rows {rows:?} of '{gguf}', which has {n_rows}"
+            )));
+        }
+        match entry.dtype {
+            GgmlDType::Q8_0 => {}
+            // Dense in the file: the caller loads it (and quantizes it if
+            // asked to).
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => return Ok(None),
+            // Formats without CPU kernels of our own yet are dequantized
+            // by `load`.
+            _ => return Ok(None),
+        }
+        let row_bytes = cols / entry.dtype.block_size() * entry.dtype.type_size();
+        let bytes = match fix {
+            Fix::Unpermute { heads } => Cow::Owned(unpermute_rows(
+                self.file.bytes(entry),
+                n_rows,
+                row_bytes,
+                heads,
+            )?),
+            Fix::None => Cow::Borrowed(self.file.bytes(entry)),
+            Fix::MinusOne => {
+                return Err(Error::InvalidRequest(format!(
+                    "'{gguf}' is a norm, not a projection"
+                )))
+            }
+        };
+        let part = &bytes[rows.start * row_bytes..rows.end * row_bytes];
+        let q = q8_0_from_ggml(part, rows.len(), cols)?;
+        // The last part of a fused tensor releases the whole of it.
+        if rows.end == n_rows {
+            self.file.release(entry);
+        }
+        Ok(Some(q))
+    }
+}
+
+/// A Q8_0 matrix from ggml's block layout (`d: f16, qs: [i8; 32]` per 32
+/// weights, rows of `cols / 32` blocks).
+///
+/// For now through f32: candle dequantizes and our quantizer rebuilds the
+/// same blocks (each block's largest weight is ±127·d, so d and every
+/// quant come back unchanged up to f16 rounding of d).
+fn q8_0_from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Result<QMatrix> {
+    let cpu = &Device::Cpu;
+    let dense = ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, bytes, vec![rows, cols], cpu)?
+        .dequantize(cpu)?;
+    quant::quantize_tensor(&dense, Quant::Q8_0)
+}
+
+/// HF row `r` of a head (`r = j·half + i`, `j` the rotary half) is GGUF row
+/// `2i + j` of the same head.
+fn gguf_row(r: usize, head_dim: usize) -> usize {
+    let half = head_dim / 2;
+    let (head, within) = (r / head_dim, r % head_dim);
+    let (j, i) = (within / half, within % half);
+    head * head_dim + 2 * i + j
+}
+
+fn head_dim_of(rows: usize, heads: usize) -> Result<usize> {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(Error::InvalidRequest(format!(
+            "{rows} rows do not split into {heads} heads of an even size"
+        )));
+    }
+    Ok(rows / heads)
+}
+
+/// Undoes `LlamaModel.permute` on whole rows of `row_bytes` bytes each.
+fn unpermute_rows(bytes: &[u8], rows: usize, row_bytes: usize, heads: usize) -> Result<Vec<u8>> {
+    let head_dim = head_dim_of(rows, heads)?;
+    let mut out = Vec::with_capacity(bytes.len());
+    for r in 0..rows {
+        let g = gguf_row(r, head_dim);
+        out.extend_from_slice(&bytes[g * row_bytes..(g + 1) * row_bytes]);
+    }
+    Ok(out)
+}
+
+/// Undoes `LlamaModel.permute` on a dense weight `[rows, cols]` or bias
+/// `[rows]`: `[heads, half, 2, rest]` back to `[heads, 2, half, rest]`.
+fn unpermute_tensor(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims.first().copied().unwrap_or(0);
+    let head_dim = head_dim_of(rows, heads)?;
+    let rest = t.elem_count() / rows.max(1);
+    Ok(t.reshape((heads, head_dim / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `LlamaModel.permute` itself, on row indices.
+    fn permute(rows: &[usize], heads: usize) -> Vec<usize> {
+        let hd = rows.len() / heads;
+        let mut out = Vec::new();
+        for h in 0..heads {
+            for i in 0..hd / 2 {
+                for j in 0..2 {
+                    out.push(rows[h * hd + j * hd / 2 + i]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unpermuting_inverts_the_converters_permutation() -> Result<()> {
+        let rows: Vec<usize> = (0..24).collect();
+        let stored = permute(&rows, 3);
+        // As bytes, one byte per row.
+        let bytes: Vec<u8> = stored.iter().map(|&r| r as u8).collect();
+        let back = unpermute_rows(&bytes, 24, 1, 3)?;
+        assert_eq!(back, rows.iter().map(|&r| r as u8).collect::<Vec<_>>());
+        // As a tensor of two columns, and as a bias.
+        let w: Vec<f32> = stored
+            .iter()
+            .flat_map(|&r| [r as f32, -(r as f32)])
+            .collect();
+        let t = unpermute_tensor(&Tensor::from_vec(w, (24, 2), &Device::Cpu)?, 3)?;
+        let col: Vec<f32> = t.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+        assert_eq!(col, rows.iter().map(|&r| r as f32).collect::<Vec<_>>());
+        let b: Vec<f32> = stored.iter().map(|&r| r as f32).collect();
+        let t = unpermute_tensor(&Tensor::from_vec(b, 24, &Device::Cpu)?, 3)?;
+        assert_eq!(t.to_vec1::<f32>()?, col);
+        assert!(unpermute_rows(&bytes, 24, 1, 5).is_err());
+        Ok(())
+    }
+}
