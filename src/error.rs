@@ -22,6 +22,10 @@ pub enum Error {
     #[error("the GGUF file {0} does not exist (for a Hub repo, give --model org/name --gguf-file FILE.gguf)")]
     NoSuchGguf(PathBuf),
 
+    /// A folder without config.json holds GGUF files: `--gguf-file` picks one.
+    #[error("{dir} has no config.json but holds GGUF files ({files}): choose one with --gguf-file NAME.gguf")]
+    GgufOnlyFolder { dir: PathBuf, files: String },
+
     /// `--gguf-file` does not name a single `.gguf` file inside the model.
     #[error("--gguf-file '{name}': {message}")]
     BadGgufFile { name: String, message: String },

@@ -139,6 +139,21 @@ impl ModelRequest {
     }
 }
 
+/// The `.gguf` files directly in `dir`, sorted.
+fn gguf_files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| is_gguf_name(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 fn is_gguf_name(name: &str) -> bool {
     name.to_ascii_lowercase().ends_with(".gguf")
 }
@@ -369,7 +384,20 @@ fn resolve_gguf_from(files: &mut dyn Files, name: &str) -> Result<GgufFiles> {
 /// none. A sharded checkpoint is recognised by its index file.
 pub fn resolve(source: &ModelSource, opts: &HubOptions) -> Result<ModelFiles> {
     match source {
-        ModelSource::Local(dir) => resolve_from(&mut LocalDir { dir }),
+        ModelSource::Local(dir) => {
+            // A folder of GGUF files without config.json was meant for
+            // --gguf-file; say so rather than just "config.json is missing".
+            if !dir.join(CONFIG).is_file() {
+                let ggufs = gguf_files_in(dir);
+                if !ggufs.is_empty() {
+                    return Err(Error::GgufOnlyFolder {
+                        dir: dir.to_path_buf(),
+                        files: ggufs.join(", "),
+                    });
+                }
+            }
+            resolve_from(&mut LocalDir { dir })
+        }
         ModelSource::Hub { repo, revision } => {
             resolve_from(&mut HubRepo::new(repo, revision, opts)?)
         }
@@ -801,6 +829,50 @@ mod tests {
                 "{revision:?} gave {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_gguf_file_stands_for_its_folder_and_name() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let file = dir.path().join("m-Q8_0.gguf");
+        std::fs::write(&file, b"GGUF").map_err(|e| Error::io(&file, e))?;
+        let request = ModelRequest::parse(&file.to_string_lossy(), None, None)?;
+        assert_eq!(request.source, ModelSource::Local(dir.path().to_path_buf()));
+        assert_eq!(request.gguf_file.as_deref(), Some("m-Q8_0.gguf"));
+
+        // With --gguf-file as well, the file is named twice.
+        let err = ModelRequest::parse(&file.to_string_lossy(), None, Some("x.gguf")).err();
+        assert!(matches!(err, Some(Error::BadGgufFile { .. })), "{err:?}");
+        // A .gguf that is not there is not taken for a repo id.
+        let err = ModelRequest::parse("missing.gguf", None, None).err();
+        assert!(matches!(err, Some(Error::NoSuchGguf(_))), "{err:?}");
+
+        // A repo with --gguf-file.
+        let request = ModelRequest::parse("org/name-GGUF", Some("v1"), Some("a/b.Q4_K_M.gguf"))?;
+        assert_eq!(request.source, hub("org/name-GGUF", "v1"));
+        assert_eq!(request.gguf_file.as_deref(), Some("a/b.Q4_K_M.gguf"));
+        // Without it, as before.
+        assert_eq!(ModelRequest::parse("org/name", None, None)?.gguf_file, None);
+        Ok(())
+    }
+
+    #[test]
+    fn gguf_file_names_are_checked() {
+        for (name, why) in [
+            ("model.bin", ".gguf"),
+            ("../up.gguf", "inside"),
+            ("/abs.gguf", "inside"),
+            ("model-00001-of-00004.gguf", "split"),
+        ] {
+            let err = ModelRequest::parse("org/name", None, Some(name))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(name) && err.contains(why), "{name}: {err}");
+        }
+        // Names that only look like split parts are fine.
+        assert!(check_gguf_name("model-of-00004.gguf").is_ok());
+        assert!(check_gguf_name("v1-of-2.gguf").is_ok());
     }
 
     #[test]

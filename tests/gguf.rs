@@ -543,6 +543,21 @@ fn gguf_file_in_a_folder_uses_its_tokenizer_json() {
     args.extend(["--gguf-file", "llama-f32.gguf"]);
     assert_reference_text("llama", &taper(&args, &[]));
 
+    // Without --gguf-file, a folder of GGUF files says how to pick one.
+    std::fs::copy(
+        gguf_path("llama", "q8_0"),
+        tmp.path().join("llama-q8_0.gguf"),
+    )
+    .expect("copy");
+    let o = taper(&greedy_args(dir), &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("llama-f32.gguf, llama-q8_0.gguf")
+            && stderr(&o).contains("--gguf-file"),
+        "{}",
+        stderr(&o)
+    );
+
     // A file the folder does not have is named.
     let mut args = greedy_args(dir);
     args.extend(["--gguf-file", "nope.gguf"]);
