@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::{Activation, Rope, RopeScaling};
 use crate::dense;
-use crate::quant::{self, Q8Matrix, QMatrix, Quant};
+use crate::quant::{self, QMatrix, Quant};
 use crate::weights::TensorSource;
 use crate::{Error, Result};
 
@@ -131,15 +131,14 @@ impl Linear {
     }
 
     /// The projections of one input by several layers (q, k, v; gate, up).
-    /// When all are Q8_0 they run as one parallel pass, sharing the
-    /// quantized input and one synchronisation of the thread pool.
+    /// When all are quantized they run through `quant::matmul_tensor_many`:
+    /// in one parallel pass, sharing the quantized input and one
+    /// synchronisation of the thread pool, when they share a format.
     pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let quantized: Option<Vec<&Q8Matrix>> = layers
+        let quantized: Option<Vec<&QMatrix>> = layers
             .iter()
             .map(|l| match &l.weight {
-                LinearWeight::Quantized(q) => match q.as_ref() {
-                    QMatrix::Q8_0(q) => Some(q),
-                },
+                LinearWeight::Quantized(q) => Some(q.as_ref()),
                 LinearWeight::Dense(_) => None,
             })
             .collect();

@@ -49,6 +49,8 @@ use crate::{Error, Result};
 
 /// Weights (or activations) per block.
 pub const QK8_0: usize = 32;
+/// Bytes of one ggml `block_q8_0`: f16 `d`, then 32 signed bytes.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
 /// Scales are stored and loaded in groups of this many blocks.
 pub(crate) const SCALE_GROUP: usize = 16;
 /// Tokens a kernel call takes at once.
@@ -64,16 +66,16 @@ const ROW_BATCH: usize = 64;
 #[derive(Clone, Copy)]
 pub(crate) struct Line(pub [u8; 64]);
 
-fn lines(bytes: usize) -> Vec<Line> {
+pub(crate) fn lines(bytes: usize) -> Vec<Line> {
     vec![Line([0; 64]); bytes.div_ceil(64)]
 }
 
-fn line_bytes(v: &[Line]) -> &[u8] {
+pub(crate) fn line_bytes(v: &[Line]) -> &[u8] {
     // SAFETY: `Line` is 64 plain bytes with no padding (size 64, align 64).
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 64) }
 }
 
-fn line_bytes_mut(v: &mut [Line]) -> &mut [u8] {
+pub(crate) fn line_bytes_mut(v: &mut [Line]) -> &mut [u8] {
     // SAFETY: as in `line_bytes`; the borrow is unique.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 64) }
 }
@@ -229,6 +231,58 @@ impl Q8Matrix {
             quants,
             scales,
         })
+    }
+
+    /// Adopts ggml's `block_q8_0` bytes of a `[rows, cols]` tensor (f16 `d`
+    /// then 32 signed bytes per block; rows of `cols / 32` blocks, as GGUF
+    /// stores them, `cols` being ggml's `ne[0]`), moving them into this
+    /// layout: quants in offset binary, scales in their own array.
+    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        let blocks = super::check_ggml("Q8_0", bytes.len(), rows, cols, QK8_0, Q8_0_BLOCK_BYTES)?;
+        let geo = Geometry::new(cols);
+        let mut quants = lines(rows * geo.qstride);
+        let mut scales = vec![f16::ZERO; rows * geo.sstride];
+        line_bytes_mut(&mut quants)[..rows * geo.qstride]
+            .par_chunks_mut(geo.qstride)
+            .zip(scales.par_chunks_mut(geo.sstride))
+            .zip(bytes.par_chunks(blocks * Q8_0_BLOCK_BYTES))
+            .with_min_len(16)
+            .for_each(|((q, d), src)| {
+                for (b, block) in src.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
+                    d[b] = f16::from_le_bytes([block[0], block[1]]);
+                    for (dst, &v) in q[b * QK8_0..(b + 1) * QK8_0].iter_mut().zip(&block[2..]) {
+                        *dst = v ^ 0x80;
+                    }
+                }
+                q[blocks * QK8_0..].fill(0x80);
+            });
+        Ok(Q8Matrix {
+            rows,
+            geo,
+            quants,
+            scales,
+        })
+    }
+
+    /// The matrix as ggml's `block_q8_0` bytes; `cols` must be a multiple
+    /// of 32.
+    pub fn to_ggml_bytes(&self) -> Result<Vec<u8>> {
+        if !self.geo.cols.is_multiple_of(QK8_0) {
+            return Err(Error::Quant(format!(
+                "a Q8_0 row of {} weights is not whole ggml blocks of {QK8_0}",
+                self.geo.cols
+            )));
+        }
+        let q = line_bytes(&self.quants);
+        let mut out = Vec::with_capacity(self.rows * self.geo.blocks * Q8_0_BLOCK_BYTES);
+        for r in 0..self.rows {
+            for b in 0..self.geo.blocks {
+                out.extend_from_slice(&self.scales[r * self.geo.sstride + b].to_le_bytes());
+                let at = r * self.geo.qstride + b * QK8_0;
+                out.extend(q[at..at + QK8_0].iter().map(|&v| v ^ 0x80));
+            }
+        }
+        Ok(out)
     }
 
     pub fn rows(&self) -> usize {
@@ -425,7 +479,7 @@ fn matmul_group(
 
 /// The output pointer shared by the tasks of one product.
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint elements (see `Q8Matrix::tile`), and the
 // product waits for every task before the buffer is used again.
 unsafe impl Send for SyncPtr {}
@@ -436,7 +490,7 @@ unsafe impl Sync for SyncPtr {}
 /// several tokens re-read the chunk, none over 256 KiB (so it stays in L2).
 /// On the decode-step benchmark (2 threads) 8 tasks a thread beat 2, 4, 16
 /// and 32, and a 128 KiB floor changed nothing.
-fn chunk_rows(rows: usize, row_bytes: usize, tokens: usize) -> usize {
+pub(crate) fn chunk_rows(rows: usize, row_bytes: usize, tokens: usize) -> usize {
     const MIN_BYTES: usize = 32 << 10;
     const MAX_BYTES_REUSED: usize = 256 << 10;
     let threads = rayon::current_num_threads().max(1);
