@@ -221,6 +221,16 @@ fn rope(
             )))
         }
     };
+    // Phi-3's long-context variants carry LongRoPE's factors as tensors.
+    if ["rope_factors_long.weight", "rope_factors_short.weight"]
+        .iter()
+        .any(|name| f.tensor(name).is_some())
+    {
+        return Err(f.err(
+            "it uses LongRoPE (rope_factors_long/short tensors), which taper does not support"
+                .into(),
+        ));
+    }
     // Llama 3.1's scaling travels as a tensor of per-frequency divisors.
     if let Some(entry) = f.tensor("rope_freqs.weight") {
         let half = head_dim / 2;

@@ -21,6 +21,7 @@ use std::path::Path;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -42,7 +43,8 @@ const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The `tokenizer.ggml.pre` names taper knows, for messages.
-pub const SUPPORTED_PRE: &str = "gpt-2, qwen2, deepseek-r1-qwen, llama-bpe, llama3, llama-v3";
+pub const SUPPORTED_PRE: &str =
+    "gpt-2, qwen2, deepseek-r1-qwen, llama-bpe, llama3, llama-v3, smollm, starcoder";
 
 /// The tokenizer metadata of a GGUF file.
 #[derive(Debug, Clone, Default)]
@@ -134,12 +136,16 @@ impl GgufVocab {
             )));
         }
         let pre = self.pre.as_deref().unwrap_or("(missing)");
-        // (split regex, ByteLevel's own GPT-2 regex, NFC, ignore_merges,
-        // BOS by default), as the original tokenizer.json files have them.
-        let (regex, nfc, ignore_merges, add_bos) = match pre {
-            "gpt-2" => (None, false, false, false),
-            "qwen2" | "deepseek-r1-qwen" => (Some(QWEN2_REGEX), true, false, false),
-            "llama-bpe" | "llama3" | "llama-v3" => (Some(LLAMA3_REGEX), false, true, true),
+        // (what splits before byte-level BPE, NFC, ignore_merges, BOS by
+        // default), as the original tokenizer.json files have them.
+        let (split, nfc, ignore_merges, add_bos) = match pre {
+            "gpt-2" => (Words::Gpt2, false, false, false),
+            // StarCoder's and SmolLM's: every digit alone, then GPT-2's.
+            "smollm" | "starcoder" => (Words::Digits, false, false, false),
+            "qwen2" | "deepseek-r1-qwen" => (Words::Regex(QWEN2_REGEX), true, false, false),
+            "llama-bpe" | "llama3" | "llama-v3" => {
+                (Words::Regex(LLAMA3_REGEX), false, true, true)
+            }
             other => {
                 return Err(err(format!(
                     "tokenizer.ggml.pre '{other}' is not a pre-tokenizer taper knows \
@@ -155,9 +161,13 @@ impl GgufVocab {
             .map(|(id, t)| (t.clone(), id as u32))
             .collect();
         if vocab.len() != self.tokens.len() {
-            return Err(err(
-                "tokenizer.ggml.tokens lists the same token twice".into()
-            ));
+            // llama.cpp keeps the last id of a repeated token too; the
+            // others can still be decoded to nothing, not to a wrong text.
+            tracing::warn!(
+                "{}: tokenizer.ggml.tokens lists {} tokens more than once",
+                origin.display(),
+                self.tokens.len() - vocab.len()
+            );
         }
         let merges = self
             .merges
@@ -174,9 +184,14 @@ impl GgufVocab {
         if nfc {
             inner.with_normalizer(Some(NFC));
         }
-        let pre_tokenizer: PreTokenizerWrapper = match regex {
-            None => ByteLevel::new(false, true, true).into(),
-            Some(regex) => {
+        let pre_tokenizer: PreTokenizerWrapper = match split {
+            Words::Gpt2 => ByteLevel::new(false, true, true).into(),
+            Words::Digits => Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+            Words::Regex(regex) => {
                 let split = Split::new(
                     SplitPattern::Regex(regex.to_string()),
                     SplitDelimiterBehavior::Isolated,
@@ -214,6 +229,16 @@ impl GgufVocab {
             self.add_bos.unwrap_or(add_bos),
         ))
     }
+}
+
+/// What splits text into words before byte-level BPE.
+enum Words {
+    /// GPT-2's regex, built into the ByteLevel pre-tokenizer.
+    Gpt2,
+    /// Each digit on its own, then GPT-2's regex.
+    Digits,
+    /// A regex of its own, with the ByteLevel step's regex off.
+    Regex(&'static str),
 }
 
 /// `"a b"` → `("a", "b")`, splitting at the first space after the first
@@ -271,6 +296,48 @@ mod tests {
         assert_eq!(split_merge("ab"), None);
         assert_eq!(split_merge("a "), None);
         assert_eq!(split_merge(""), None);
+    }
+
+    /// Every byte's character, plus "12" with its merge.
+    fn tiny_vocab(pre: &str) -> GgufVocab {
+        let mut tokens: Vec<String> = ByteLevel::alphabet()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        tokens.sort();
+        tokens.push("12".into());
+        tokens.push("<|end|>".into());
+        let mut token_types = vec![1; tokens.len()];
+        token_types[tokens.len() - 1] = CONTROL;
+        GgufVocab {
+            model: "gpt2".into(),
+            pre: Some(pre.into()),
+            tokens,
+            token_types,
+            merges: vec!["1 2".into()],
+            eos_id: Some(257),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn digits_split_for_smollm_but_not_for_gpt2() -> Result<()> {
+        let gpt2 = tiny_vocab("gpt-2").build(Path::new("t.gguf"))?;
+        let smollm = tiny_vocab("smollm").build(Path::new("t.gguf"))?;
+        assert_eq!(gpt2.encode_plain("12")?, [256]);
+        assert_eq!(smollm.encode_plain("12")?.len(), 2);
+        for tok in [&gpt2, &smollm] {
+            // Control tokens are matched whole and are special.
+            let ids = tok.encode_plain("a<|end|>")?;
+            assert_eq!(ids.last(), Some(&257));
+            assert!(tok.is_special(257));
+            assert_eq!(tok.decode(&ids, true)?, "a");
+            assert_eq!(
+                tok.decode(&tok.encode_plain("héllo 12 🦀")?, false)?,
+                "héllo 12 🦀"
+            );
+        }
+        Ok(())
     }
 
     #[test]
