@@ -16,9 +16,11 @@
 //!   it is subtracted again; for the f32 norms the converter writes, this
 //!   gives back the stored value exactly when the decoder adds 1.
 //!
-//! Q8_0 projections are handed to the decoder as [`QMatrix`] without a dense
-//! copy; tables it looks rows up in (the embeddings) and weights in formats
-//! without CPU kernels are dequantized through candle.
+//! Projections in a format taper's CPU kernels run (Q8_0, Q4_0, Q4_K, Q6_K)
+//! are handed to the decoder as [`QMatrix`], their blocks adopted as stored
+//! (`QMatrix::from_ggml_bytes`) without a dense copy; tables it looks rows
+//! up in (the embeddings) and weights in other formats are dequantized
+//! through candle.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -28,7 +30,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::gguf::{type_name, GgufFile, TensorEntry};
-use crate::quant::{self, QMatrix, Quant};
+use crate::quant::{QMatrix, Quant};
 use crate::weights::TensorSource;
 use crate::{Error, Result};
 
@@ -204,15 +206,12 @@ impl TensorSource for GgufWeights<'_> {
                 "rows {rows:?} of '{gguf}', which has {n_rows}"
             )));
         }
-        match entry.dtype {
-            GgmlDType::Q8_0 => {}
-            // Dense in the file: the caller loads it (and quantizes it if
-            // asked to).
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => return Ok(None),
-            // Formats without CPU kernels of our own yet are dequantized
-            // by `load`.
-            _ => return Ok(None),
-        }
+        let Some(format) = kernel_format(entry.dtype) else {
+            // Dense in the file (the caller loads it, and quantizes it if
+            // asked to), or a format without kernels of ours (`load`
+            // dequantizes it).
+            return Ok(None);
+        };
         let row_bytes = cols / entry.dtype.block_size() * entry.dtype.type_size();
         let bytes = match fix {
             Fix::Unpermute { heads } => Cow::Owned(unpermute_rows(
@@ -229,7 +228,7 @@ impl TensorSource for GgufWeights<'_> {
             }
         };
         let part = &bytes[rows.start * row_bytes..rows.end * row_bytes];
-        let q = q8_0_from_ggml(part, rows.len(), cols)?;
+        let q = QMatrix::from_ggml_bytes(format, part, rows.len(), cols)?;
         // The last part of a fused tensor releases the whole of it.
         if rows.end == n_rows {
             self.file.release(entry);
@@ -238,17 +237,15 @@ impl TensorSource for GgufWeights<'_> {
     }
 }
 
-/// A Q8_0 matrix from ggml's block layout (`d: f16, qs: [i8; 32]` per 32
-/// weights, rows of `cols / 32` blocks).
-///
-/// For now through f32: candle dequantizes and our quantizer rebuilds the
-/// same blocks (each block's largest weight is ±127·d, so d and every
-/// quant come back unchanged up to f16 rounding of d).
-fn q8_0_from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Result<QMatrix> {
-    let cpu = &Device::Cpu;
-    let dense = ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, bytes, vec![rows, cols], cpu)?
-        .dequantize(cpu)?;
-    quant::quantize_tensor(&dense, Quant::Q8_0)
+/// The `quant` format whose CPU kernels run a ggml type as stored.
+fn kernel_format(dtype: GgmlDType) -> Option<Quant> {
+    Some(match dtype {
+        GgmlDType::Q8_0 => Quant::Q8_0,
+        GgmlDType::Q6K => Quant::Q6K,
+        GgmlDType::Q4K => Quant::Q4K,
+        GgmlDType::Q4_0 => Quant::Q4_0,
+        _ => return None,
+    })
 }
 
 /// HF row `r` of a head (`r = j·half + i`, `j` the rotary half) is GGUF row
@@ -296,6 +293,7 @@ fn unpermute_tensor(t: &Tensor, heads: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// `LlamaModel.permute` itself, on row indices.
     fn permute(rows: &[usize], heads: usize) -> Vec<usize> {
@@ -309,6 +307,81 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Every quantized format with kernels of ours is adopted as stored:
+    /// its blocks, dequantized by taper, are candle's dequantization of the
+    /// same bytes, with Llama's Q/K rows put back the same way on both
+    /// paths (bytes for the quantized one, f32 rows for the dense one).
+    #[test]
+    fn adopted_blocks_dequantize_as_candle_does() -> Result<()> {
+        use candle_core::quantized::{gguf_file, QTensor};
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+        let llama = GgufFile::open(&fixtures.join("llama-f32.gguf"))?;
+        let config = crate::gguf::model_config(&llama)?;
+        assert_eq!((config.num_heads, config.num_kv_heads), (4, 2));
+
+        // (HF name, GGUF name, type, rows): Q has 4 heads of 4 rows, K 2.
+        let cases = [
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                "blk.0.attn_q.weight",
+                GgmlDType::Q4K,
+                16,
+            ),
+            (
+                "model.layers.0.self_attn.k_proj.weight",
+                "blk.0.attn_k.weight",
+                GgmlDType::Q6K,
+                8,
+            ),
+            (
+                "model.layers.0.self_attn.v_proj.weight",
+                "blk.0.attn_v.weight",
+                GgmlDType::Q4_0,
+                8,
+            ),
+            (
+                "model.layers.0.mlp.up_proj.weight",
+                "blk.0.ffn_up.weight",
+                GgmlDType::Q8_0,
+                5,
+            ),
+        ];
+        let cols = 512;
+        let cpu = &Device::Cpu;
+        let tensors = cases
+            .iter()
+            .map(|&(_, gguf, dtype, rows)| {
+                let w = Tensor::randn(0f32, 1.0, (rows, cols), cpu)?;
+                Ok((gguf, QTensor::quantize(&w, dtype)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let path = dir.path().join("k.gguf");
+        let mut out = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        gguf_file::write(&mut out, &[], &refs)?;
+        drop(out);
+
+        let file = GgufFile::open(&path)?;
+        let weights = GgufWeights::new(&file, &config);
+        for (hf, _, dtype, rows) in cases {
+            let shape = [rows, cols];
+            let q = weights
+                .load_quantized(hf, &shape, 0..rows)?
+                .ok_or_else(|| Error::InvalidRequest(format!("{hf} was not adopted")))?;
+            assert_eq!(Some(q.format()), kernel_format(dtype), "{hf}");
+            let ours = Tensor::from_vec(q.dequantize(), (rows, cols), cpu)?;
+            let candle = weights.load(hf, &shape, DType::F32, cpu)?;
+            let d = (ours - candle)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-6, "{hf}: {d}");
+            // A part of the rows is those rows.
+            let part = weights.load_quantized(hf, &shape, 2..rows)?;
+            let part = part.map(|p| p.dequantize()).unwrap_or_default();
+            assert_eq!(part.len(), (rows - 2) * cols, "{hf}");
+        }
+        Ok(())
     }
 
     #[test]
