@@ -328,7 +328,9 @@ fn ggml_type_name(id: u32) -> Option<&'static str> {
 
 /// What went wrong reading the header, in the user's terms.
 fn describe(e: &candle_core::Error) -> String {
+    // The first line: with RUST_BACKTRACE set, candle appends a backtrace.
     let text = e.to_string();
+    let text = text.lines().next().unwrap_or_default().trim().to_string();
     // candle stops at the first tensor of a type it does not know and names
     // only the type id.
     if let Some(id) = text
@@ -373,6 +375,32 @@ mod tests {
         assert_eq!(f.bytes(q).len(), 64 * 2 * 34);
         let err = f.usize("general.architecture").unwrap_err().to_string();
         assert!(err.contains("general.architecture"), "{err}");
+        Ok(())
+    }
+
+    /// A tensor in a type candle does not parse (the i-quants) is named by
+    /// its type.
+    #[test]
+    fn an_unknown_tensor_type_is_named() -> Result<()> {
+        let mut bytes =
+            std::fs::read(fixture("qwen2-q8_0.gguf")).map_err(|e| Error::io("read", e))?;
+        // The tensor info: name, n_dims (u32), dims (u64 each), type (u32).
+        let name = b"blk.0.attn_q.weight";
+        let at = bytes
+            .windows(name.len())
+            .position(|w| w == name)
+            .expect("tensor info");
+        let ty = at + name.len() + 4 + 2 * 8;
+        assert_eq!(bytes[ty..ty + 4], 8u32.to_le_bytes(), "Q8_0's id");
+        bytes[ty..ty + 4].copy_from_slice(&16u32.to_le_bytes());
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let path = dir.path().join("iq.gguf");
+        std::fs::write(&path, &bytes).map_err(|e| Error::io(&path, e))?;
+        let err = GgufFile::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("iq.gguf") && err.contains("IQ2_XXS") && err.contains("cannot load"),
+            "{err}"
+        );
         Ok(())
     }
 
