@@ -18,7 +18,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{LayerAttention, ModelConfig};
 use crate::kv_cache::SeqKvCache;
 use crate::models::layers::{
-    apply_rope, compute_dtype, soft_cap, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
+    apply_rope, compute_dtype, grouped_attention, soft_cap, Embedding, Linear, Mlp, RmsNorm,
+    RotaryEmbedding,
 };
 use crate::quant::Quant;
 use crate::weights::TensorSource;
@@ -514,22 +515,18 @@ impl Decoder {
                 .reshape((n, nkv, groups, hd))?
                 .permute((1, 2, 0, 3))?
                 .reshape((nkv, groups * n, hd))?;
-            let mut scores = (q_s.matmul(&k_all.t()?)? * c.attn_scale)?.to_dtype(DType::F32)?;
-            if let Some(cap) = c.attn_logit_softcap {
-                scores = soft_cap(&scores, cap)?;
-            }
-            if let Some(mask) = self.mask(start_pos, n, kv_len, a.kind)? {
-                scores = scores
-                    .reshape((nkv, groups, n, kv_len))?
-                    .broadcast_add(&mask)?
-                    .reshape((nkv, groups * n, kv_len))?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-            let o = probs
-                .matmul(&v_all.contiguous()?)?
-                .reshape((nkv, groups, n, hd))?
-                .permute((2, 0, 1, 3))?
-                .reshape((n, nh * hd))?;
+            let mask = self.mask(start_pos, n, kv_len, a.kind)?;
+            let o = grouped_attention(
+                &q_s,
+                &k_all,
+                &v_all,
+                mask.as_ref(),
+                c.attn_scale,
+                c.attn_logit_softcap,
+            )?
+            .reshape((nkv, groups, n, hd))?
+            .permute((2, 0, 1, 3))?
+            .reshape((n, nh * hd))?;
             outputs.push(o);
             offset += n;
         }

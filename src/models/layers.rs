@@ -180,6 +180,39 @@ impl Linear {
     }
 }
 
+/// Scaled dot-product attention of one sequence, with the queries grouped by
+/// the KV head they share: `q` is `[kv_heads, groups * n, head_dim]`, `k`
+/// and `v` are `[kv_heads, kv_len, head_dim]`, `mask` is added to the scores
+/// of each group's `n` queries (`[n, kv_len]`). Returns
+/// `[kv_heads, groups * n, head_dim]` in `q`'s dtype. Grouping the queries
+/// lets grouped-query attention read each K and V once, without repeating
+/// them per query head. Scores and softmax are in f32.
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let (nkv, rows, _) = q.dims3()?;
+    let kv_len = k.dim(1)?;
+    let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    if let Some(cap) = softcap {
+        scores = soft_cap(&scores, cap)?;
+    }
+    if let Some(mask) = mask {
+        // View the scores as [kv, groups, n, kv_len] to add it per group.
+        let n = mask.dim(0)?;
+        scores = scores
+            .reshape((nkv, rows / n.max(1), n, kv_len))?
+            .broadcast_add(mask)?
+            .reshape((nkv, rows, kv_len))?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
 /// RMSNorm over the last dimension, computed in f32 as `transformers` does.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
