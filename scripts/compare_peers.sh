@@ -51,25 +51,46 @@ for q in Q8_0 Q4_K_M; do
 done
 
 # --- measurements --------------------------------------------------------------
+# Every run goes through /usr/bin/time for its peak RSS; each writes JSON
+# lines {"runner", "quant", "row"} and one {"runner", "quant", "rss_kb"}.
 cargo build --release --locked >/dev/null 2>&1
 out="$work/results-$shape.jsonl"
 : > "$out"
+rss() { # rss RUNNER QUANT: appends the peak RSS of the last measured run
+  echo "{\"runner\":\"$1\",\"quant\":\"$2\",\"rss_kb\":$(cat "$work/rss.tmp")}" >> "$out"
+}
+timed() { /usr/bin/time -f %M -o "$work/rss.tmp" "$@"; }
+taper=./target/release/taper
+# Bandwidth once, for the record (taper's own streaming read, same threads).
+$taper bench --model "$model" -p 0 -n 1 -r 1 -t "$threads" 2>&1 | grep -m1 "memory read bandwidth" || true
 for q in bf16 Q8_0 Q4_K_M; do
-  "$bench" -m "$gguf-$q.gguf" -p 512 -n 128 -t "$threads" -r 3 -o jsonl \
+  timed "$bench" -m "$gguf-$q.gguf" -p 512 -n 128 -t "$threads" -r 3 -o jsonl \
     | sed "s/^/{\"runner\":\"llama.cpp\",\"quant\":\"$q\",\"row\":/; s/\$/}/" >> "$out"
+  rss llama.cpp "$q"
 done
-for q in f32 bf16 q8_0; do
-  case $q in
-    f32) flags=(--dtype f32) ;;
-    bf16) flags=(--dtype bf16) ;;
-    *) flags=(--quant "$q") ;;
-  esac
-  ./target/release/taper bench --model "$model" "${flags[@]}" -p 512 -n 128 -r 3 -t "$threads" -o json \
-    | "$py" -c 'import json,sys; [print(json.dumps({"runner":"taper","quant":sys.argv[1],"row":r})) for r in json.load(sys.stdin)]' "$q" >> "$out"
-done
+taper_run() { # taper_run LABEL FLAGS...
+  local label=$1; shift
+  # A failing configuration is reported and skipped, not fatal to the table.
+  if timed $taper bench "$@" -p 512 -n 128 -r 3 -t "$threads" -o json --bandwidth-mib 0 \
+       2>"$work/taper-err.log" > "$work/taper.json"; then
+    "$py" -c 'import json,sys; [print(json.dumps({"runner":"taper","quant":sys.argv[1],"row":r})) for r in json.load(open(sys.argv[2]))]' \
+      "$label" "$work/taper.json" >> "$out"
+    rss taper "$label"
+  else
+    echo "taper $label failed: $(tail -n1 "$work/taper-err.log")" >&2
+  fi
+}
+taper_run f32 --model "$model" --dtype f32
+taper_run bf16 --model "$model" --dtype bf16
+taper_run q8_0 --model "$model" --quant q8_0
+taper_run q4_k --model "$model" --quant q4_k
+# llama.cpp's own files, loaded as they are.
+taper_run "Q8_0 gguf" --model "$gguf-Q8_0.gguf"
+taper_run "Q4_K_M gguf" --model "$gguf-Q4_K_M.gguf"
 for dt in float32 bfloat16; do
-  OMP_NUM_THREADS="$threads" "$py" scripts/bench_transformers.py --model "$model" --dtype "$dt" \
+  OMP_NUM_THREADS="$threads" timed "$py" scripts/bench_transformers.py --model "$model" --dtype "$dt" \
     --threads "$threads" -p 512 -n 128 -r 3 >> "$out"
+  rss transformers "$dt"
 done
 
 "$py" - "$out" "$shape" "$threads" <<'EOF'
@@ -83,12 +104,16 @@ def ts(r):
     if r["runner"] == "taper":
         return row["test"][:2], row["mean_ts"], row["stddev_ts"]
     return row["test"], row["mean_ts"], row["stddev_ts"]
-print(f"| runner | weights | pp512 t/s | tg128 t/s |  ({sys.argv[2]}, {sys.argv[3]} threads)")
-print("| --- | --- | ---: | ---: |")
+print(f"| runner | weights | pp512 t/s | tg128 t/s | peak RSS |  ({sys.argv[2]}, {sys.argv[3]} threads)")
+print("| --- | --- | ---: | ---: | ---: |")
 table = {}
 for r in rows:
+    cell = table.setdefault((r["runner"], r["quant"]), {})
+    if "rss_kb" in r:
+        cell["rss"] = f"{r['rss_kb'] / 1024:,.0f} MiB"
+        continue
     test, mean, sd = ts(r)
-    table.setdefault((r["runner"], r["quant"]), {})[test] = f"{mean:.1f} ± {sd:.1f}"
+    cell[test] = f"{mean:.1f} ± {sd:.1f}"
 for (runner, quant), v in table.items():
-    print(f"| {runner} | {quant} | {v.get('pp', '-')} | {v.get('tg', '-')} |")
+    print(f"| {runner} | {quant} | {v.get('pp', '-')} | {v.get('tg', '-')} | {v.get('rss', '-')} |")
 EOF
