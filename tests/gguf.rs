@@ -430,6 +430,88 @@ fn vocab_from_tokenizer_json(dir: &Path, pre: &str) -> GgufVocab {
     }
 }
 
+/// What the converter writes for a SentencePiece model, from the
+/// `tokenizer.json` `transformers` made of it: pieces, kinds (bytes
+/// `<0x..>` as 6) and scores. The scores are not in tokenizer.json, but its
+/// merges were ranked by them, so each merged piece gets minus the rank of
+/// its first merge: the same order.
+fn sentencepiece_vocab_from_tokenizer_json(dir: &Path, add_space_prefix: bool) -> GgufVocab {
+    let mut vocab = vocab_from_tokenizer_json(dir, "");
+    let index: std::collections::HashMap<&str, usize> = vocab
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut scores = vec![0f32; vocab.tokens.len()];
+    let mut seen = vec![false; vocab.tokens.len()];
+    for (rank, merge) in vocab.merges.iter().enumerate() {
+        let piece: String = merge.splitn(2, ' ').collect();
+        if let Some(&id) = index.get(piece.as_str()) {
+            if !seen[id] {
+                seen[id] = true;
+                scores[id] = -(rank as f32);
+            }
+        }
+    }
+    let types: Vec<i32> = vocab
+        .tokens
+        .iter()
+        .zip(&vocab.token_types)
+        .map(|(t, &kind)| {
+            let byte = t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+            if byte && kind == 1 {
+                6
+            } else {
+                kind
+            }
+        })
+        .collect();
+    let unk_id = index.get("<unk>").map(|&i| i as u32);
+    vocab.unk_id = unk_id;
+    vocab.model = "llama".into();
+    vocab.pre = None;
+    vocab.merges = Vec::new();
+    vocab.scores = scores;
+    vocab.token_types = types;
+    vocab.add_space_prefix = Some(add_space_prefix);
+    vocab
+}
+
+/// SentencePiece vocabularies (Llama 2: a space put before the text;
+/// Gemma 3: none) against the real tokenizers.
+#[test]
+fn gguf_sentencepiece_encodes_as_the_real_tokenizers() {
+    for (name, prefix) in [("llama2", true), ("gemma3", false)] {
+        let dir = real_tokenizer_dir(name);
+        let want = Tokenizer::from_files(&dir.join("tokenizer.json"), None).expect("tokenizer");
+        let got = sentencepiece_vocab_from_tokenizer_json(&dir, prefix)
+            .build(Path::new("test.gguf"))
+            .expect("build");
+        let long = TEXTS.join(" ");
+        let mut texts = TEXTS.to_vec();
+        texts.extend([
+            long.as_str(),
+            " leading space",
+            "ends with space ",
+            "a  b   c",
+        ]);
+        for text in texts {
+            let ids = want.encode_plain(text).expect("encode");
+            assert_eq!(
+                got.encode_plain(text).expect("encode"),
+                ids,
+                "{name}: {text:?}"
+            );
+            assert_eq!(
+                got.decode(&ids, false).expect("decode"),
+                want.decode(&ids, false).expect("decode"),
+                "{name}: decode of {text:?}"
+            );
+        }
+    }
+}
+
 /// The "qwen2" and "llama-bpe" pre-tokenizers against the real tokenizers
 /// they stand for (fetched by `scripts/fetch_tokenizers.sh`).
 #[test]

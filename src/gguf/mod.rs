@@ -256,6 +256,26 @@ impl GgufFile {
         }
     }
 
+    /// An array of numbers, as f32.
+    pub fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let bad = || self.wrong_type(key, "an array of numbers", v);
+        match v {
+            Value::Array(items) => items
+                .iter()
+                .map(|item| match item {
+                    Value::F32(x) => Ok(*x),
+                    Value::F64(x) => Ok(*x as f32),
+                    other => as_i128(other).map(|n| n as f32).ok_or_else(bad),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            _ => Err(bad()),
+        }
+    }
+
     /// A token id (`tokenizer.ggml.*_token_id`).
     pub fn token_id(&self, key: &str) -> Result<Option<u32>> {
         self.usize(key)?

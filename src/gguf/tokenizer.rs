@@ -12,14 +12,23 @@
 //! keeps hand-adapted copies in `llama-vocab.cpp`), so encoding gives the
 //! same ids as the original tokenizer.
 //!
-//! SentencePiece vocabularies (`model = "llama"`: Llama 2, Mistral v0.1,
-//! Gemma) are refused with a message asking for `tokenizer.json`.
+//! SentencePiece vocabularies (`model = "llama"`: Llama 2, Mistral, Gemma,
+//! Phi-3) come as pieces with scores; they are rebuilt the way
+//! `transformers` converts a SentencePiece model to `tokenizer.json`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::unicode::NFC;
+use tokenizers::normalizers::{
+    NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence,
+};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -32,10 +41,13 @@ use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-/// `token_type` values (llama.cpp's `llama_token_attr` as gguf-py writes
-/// them).
+/// `token_type` values (gguf-py's `TokenType`).
+const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
+
+/// SentencePiece's stand-in for a space.
+const SPIECE: &str = "\u{2581}";
 
 /// Qwen2's split regex, from its tokenizer.json.
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -60,9 +72,16 @@ pub struct GgufVocab {
     pub token_types: Vec<i32>,
     /// BPE merges, `"left right"`, highest priority first.
     pub merges: Vec<String>,
+    /// SentencePiece: every token's score, by id (higher merges first).
+    pub scores: Vec<f32>,
+    /// SentencePiece: whether a space is put before the text
+    /// (`tokenizer.ggml.add_space_prefix`; absent: yes, as llama.cpp).
+    pub add_space_prefix: Option<bool>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
-    /// `tokenizer.ggml.add_bos_token`; absent: the pre-tokenizer's default.
+    pub unk_id: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token`; absent: the tokenizer kind's
+    /// default.
     pub add_bos: Option<bool>,
 }
 
@@ -97,8 +116,11 @@ impl GgufVocab {
             tokens: strings("tokenizer.ggml.tokens")?,
             token_types,
             merges: strings("tokenizer.ggml.merges")?,
+            scores: f.floats("tokenizer.ggml.scores")?.unwrap_or_default(),
+            add_space_prefix: f.bool("tokenizer.ggml.add_space_prefix")?,
             bos_id: f.token_id("tokenizer.ggml.bos_token_id")?,
             eos_id: f.token_id("tokenizer.ggml.eos_token_id")?,
+            unk_id: f.token_id("tokenizer.ggml.unknown_token_id")?,
             add_bos: f.bool("tokenizer.ggml.add_bos_token")?,
         })
     }
@@ -109,22 +131,6 @@ impl GgufVocab {
             path: origin.to_path_buf(),
             message,
         };
-        match self.model.as_str() {
-            "gpt2" => {}
-            "llama" => {
-                return Err(err(
-                    "its tokenizer is SentencePiece (tokenizer.ggml.model 'llama'), which taper \
-                     cannot build from GGUF metadata yet: put the model's tokenizer.json (and \
-                     tokenizer_config.json) next to the GGUF file, or in the repo"
-                        .into(),
-                ))
-            }
-            other => {
-                return Err(err(format!(
-                "tokenizer.ggml.model '{other}' is not supported (supported: gpt2, byte-level BPE)"
-            )))
-            }
-        }
         if self.tokens.is_empty() {
             return Err(err("tokenizer.ggml.tokens is missing or empty".into()));
         }
@@ -135,6 +141,62 @@ impl GgufVocab {
                 self.tokens.len()
             )));
         }
+        let vocab: Vocab = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
+        if vocab.len() != self.tokens.len() {
+            // llama.cpp keeps the last id of a repeated token too; the
+            // others can still be decoded to nothing, not to a wrong text.
+            tracing::warn!(
+                "{}: tokenizer.ggml.tokens lists {} tokens more than once",
+                origin.display(),
+                self.tokens.len() - vocab.len()
+            );
+        }
+        let (mut inner, add_bos) = match self.model.as_str() {
+            "gpt2" => self.byte_level_bpe(vocab, &err)?,
+            "llama" => self.sentencepiece(vocab, &err)?,
+            other => {
+                return Err(err(format!(
+                    "tokenizer.ggml.model '{other}' is not supported (supported: gpt2, byte-level \
+                     BPE; llama, SentencePiece BPE)"
+                )))
+            }
+        };
+
+        // Control tokens are the special ones (skipped when decoding with
+        // `skip_special`); user-defined ones are matched whole but are text.
+        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
+            self.tokens
+                .iter()
+                .zip(&self.token_types)
+                .filter(|(_, &t)| t == kind)
+                .map(|(text, _)| AddedToken::from(text.clone(), special).normalized(false))
+                .collect()
+        };
+        inner.add_special_tokens(&added(CONTROL, true));
+        inner.add_tokens(&added(USER_DEFINED, false));
+
+        Ok(Tokenizer::from_parts(
+            inner,
+            origin.to_path_buf(),
+            self.bos_id,
+            self.eos_id,
+            self.add_bos.unwrap_or(add_bos),
+        ))
+    }
+
+    /// `tokenizer.ggml.model = "gpt2"`: byte-level BPE behind the
+    /// pre-tokenizer `pre` names. Returns it and whether it adds BOS by
+    /// default.
+    fn byte_level_bpe(
+        &self,
+        vocab: Vocab,
+        err: &dyn Fn(String) -> Error,
+    ) -> Result<(tokenizers::Tokenizer, bool)> {
         let pre = self.pre.as_deref().unwrap_or("(missing)");
         // (what splits before byte-level BPE, NFC, ignore_merges, BOS by
         // default), as the original tokenizer.json files have them.
@@ -154,21 +216,6 @@ impl GgufVocab {
             }
         };
 
-        let vocab: Vocab = self
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| (t.clone(), id as u32))
-            .collect();
-        if vocab.len() != self.tokens.len() {
-            // llama.cpp keeps the last id of a repeated token too; the
-            // others can still be decoded to nothing, not to a wrong text.
-            tracing::warn!(
-                "{}: tokenizer.ggml.tokens lists {} tokens more than once",
-                origin.display(),
-                self.tokens.len() - vocab.len()
-            );
-        }
         let merges = self
             .merges
             .iter()
@@ -207,27 +254,89 @@ impl GgufVocab {
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevel::default()));
+        Ok((inner, add_bos))
+    }
 
-        // Control tokens are the special ones (skipped when decoding with
-        // `skip_special`); user-defined ones are matched whole but are text.
-        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
-            self.tokens
-                .iter()
-                .zip(&self.token_types)
-                .filter(|(_, &t)| t == kind)
-                .map(|(text, _)| AddedToken::from(text.clone(), special).normalized(false))
-                .collect()
-        };
-        inner.add_special_tokens(&added(CONTROL, true));
-        inner.add_tokens(&added(USER_DEFINED, false));
+    /// `tokenizer.ggml.model = "llama"`: a SentencePiece BPE model (Llama 2,
+    /// Mistral, Gemma, Phi-3), rebuilt as `transformers` converts one
+    /// (`LlamaConverter`, `GemmaConverter`): BPE over pieces with byte
+    /// fallback, merges ranked by the merged piece's score, spaces as `▁`
+    /// with one put before the text when `add_space_prefix` says so (and
+    /// taken off again when decoding). Adds BOS by default, as llama.cpp.
+    fn sentencepiece(
+        &self,
+        vocab: Vocab,
+        err: &dyn Fn(String) -> Error,
+    ) -> Result<(tokenizers::Tokenizer, bool)> {
+        if self.scores.len() != self.tokens.len() {
+            return Err(err(format!(
+                "tokenizer.ggml.scores has {} entries for {} tokens",
+                self.scores.len(),
+                self.tokens.len()
+            )));
+        }
+        let merges = self.sentencepiece_merges(&vocab);
+        let mut bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .fuse_unk(true)
+            .byte_fallback(true);
+        if let Some(unk) = self.unk_id.and_then(|id| self.tokens.get(id as usize)) {
+            bpe = bpe.unk_token(unk.clone());
+        }
+        let bpe = bpe
+            .build()
+            .map_err(|e| err(format!("the BPE vocabulary does not build: {e}")))?;
 
-        Ok(Tokenizer::from_parts(
-            inner,
-            origin.to_path_buf(),
-            self.bos_id,
-            self.eos_id,
-            self.add_bos.unwrap_or(add_bos),
-        ))
+        let space = |e: tokenizers::Error| err(format!("the space normalizer: {e}"));
+        let to_piece: NormalizerWrapper = Replace::new(" ", SPIECE).map_err(space)?.into();
+        let to_space: DecoderWrapper = Replace::new(SPIECE, " ").map_err(space)?.into();
+        let prefix = self.add_space_prefix.unwrap_or(true);
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let mut decoders = vec![to_space, ByteFallback::new().into(), Fuse::new().into()];
+        if prefix {
+            inner.with_normalizer(Some(NormalizerSequence::new(vec![
+                Prepend::new(SPIECE.to_string()).into(),
+                to_piece,
+            ])));
+            decoders.push(Strip::new(' ', 1, 0).into());
+        } else {
+            inner.with_normalizer(Some(to_piece));
+        }
+        inner.with_decoder(Some(DecoderSequence::new(decoders)));
+        Ok((inner, true))
+    }
+
+    /// What `transformers`' `SentencePieceExtractor` derives from a
+    /// SentencePiece model: for every piece, each split into two pieces of
+    /// the vocabulary (ordered by their ids), all ranked by the piece's
+    /// score, highest first (a stable sort: ties keep id order).
+    fn sentencepiece_merges(&self, vocab: &Vocab) -> Vec<(String, String)> {
+        let mut merges: Vec<(f32, u32, u32)> = Vec::new();
+        for (id, piece) in self.tokens.iter().enumerate() {
+            // Control, unknown, byte and unused pieces are never merged into.
+            if !matches!(
+                self.token_types.get(id),
+                None | Some(&NORMAL) | Some(&USER_DEFINED)
+            ) {
+                continue;
+            }
+            let mut local: Vec<(u32, u32)> = piece
+                .char_indices()
+                .skip(1)
+                .filter_map(|(at, _)| {
+                    let (l, r) = piece.split_at(at);
+                    Some((*vocab.get(l)?, *vocab.get(r)?))
+                })
+                .collect();
+            local.sort_unstable();
+            merges.extend(local.into_iter().map(|(l, r)| (self.scores[id], l, r)));
+        }
+        merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let text = |id: u32| self.tokens[id as usize].clone();
+        merges
+            .into_iter()
+            .map(|(_, l, r)| (text(l), text(r)))
+            .collect()
     }
 }
 
@@ -341,19 +450,22 @@ mod tests {
     }
 
     #[test]
-    fn sentencepiece_and_unknown_pre_tokenizers_are_refused_by_name() {
+    fn unknown_models_and_pre_tokenizers_are_refused_by_name() {
+        let vocab = GgufVocab {
+            model: "rwkv".into(),
+            tokens: vec!["a".into()],
+            ..Default::default()
+        };
+        let err = vocab.build(Path::new("m.gguf")).unwrap_err().to_string();
+        assert!(err.contains("m.gguf") && err.contains("'rwkv'"), "{err}");
+        // SentencePiece needs a score per piece.
         let vocab = GgufVocab {
             model: "llama".into(),
             tokens: vec!["a".into()],
             ..Default::default()
         };
         let err = vocab.build(Path::new("m.gguf")).unwrap_err().to_string();
-        assert!(
-            err.contains("m.gguf")
-                && err.contains("SentencePiece")
-                && err.contains("tokenizer.json"),
-            "{err}"
-        );
+        assert!(err.contains("tokenizer.ggml.scores"), "{err}");
         let vocab = GgufVocab {
             model: "gpt2".into(),
             pre: Some("falcon".into()),
