@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 bash scripts/fetch_tokenizers.sh target/test-tokenizers
 export TAPER_TEST_TOKENIZERS="$PWD/target/test-tokenizers"
 cargo test --locked "$@"
+# llama.cpp's real vocabularies with their reference ids, when
+# scripts/compare_peers.sh has unpacked a llama.cpp tree.
+if ls target/peers/*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf >/dev/null 2>&1; then
+  cargo test --locked --test integration llama_cpp_vocab -- --ignored
+fi
 
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --locked --bin taper

@@ -788,3 +788,64 @@ fn a_missing_gguf_file_and_a_bad_gguf_name_are_explained() {
         assert!(stderr(&o).contains(why), "{name}: {}", stderr(&o));
     }
 }
+
+/// llama.cpp's own tokenizer test files (`models/ggml-vocab-*.gguf`, real
+/// vocabularies with inputs and the ids `transformers` gives for them), in
+/// the llama.cpp tree `scripts/compare_peers.sh` unpacks, or
+/// `TAPER_LLAMA_CPP_DIR`.
+fn llama_cpp_vocab_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("TAPER_LLAMA_CPP_DIR") {
+        return Some(PathBuf::from(dir).join("models"));
+    }
+    let peers = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/peers");
+    std::fs::read_dir(peers)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("vendor/llama.cpp/models"))
+        .find(|p| p.join("ggml-vocab-qwen2.gguf").is_file())
+}
+
+#[test]
+#[ignore = "needs llama.cpp's models/ggml-vocab-*.gguf (scripts/compare_peers.sh, or TAPER_LLAMA_CPP_DIR)"]
+fn llama_cpp_vocab_files_encode_as_their_references() {
+    let dir = llama_cpp_vocab_dir().expect(
+        "llama.cpp's models/ folder: run scripts/compare_peers.sh or set TAPER_LLAMA_CPP_DIR",
+    );
+    for name in [
+        "qwen2",
+        "llama-bpe",
+        "gpt-2",
+        "starcoder",
+        "llama-spm",
+        "phi-3",
+    ] {
+        let path = dir.join(format!("ggml-vocab-{name}.gguf"));
+        let file = GgufFile::open(&path).expect("open");
+        let tok = gguf::tokenizer::tokenizer(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let read = |ext: &str| {
+            std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.{ext}")))
+                .expect("read")
+        };
+        let inputs = read("inp");
+        let outputs = read("out");
+        let inputs: Vec<&str> = inputs
+            .strip_suffix("\n__ggml_vocab_test__\n")
+            .unwrap_or(&inputs)
+            .split("\n__ggml_vocab_test__\n")
+            .collect();
+        let outputs: Vec<&str> = outputs.lines().collect();
+        assert_eq!(inputs.len(), outputs.len(), "{name}");
+        let mut failed = Vec::new();
+        for (text, want) in inputs.iter().zip(&outputs) {
+            let want: Vec<u32> = want
+                .split_whitespace()
+                .map(|id| id.parse().expect("id"))
+                .collect();
+            let got = tok.encode_plain(text).expect("encode");
+            if got != want {
+                failed.push(format!("{text:?}: got {got:?}, want {want:?}"));
+            }
+        }
+        assert!(failed.is_empty(), "{name}:\n{}", failed.join("\n"));
+    }
+}
