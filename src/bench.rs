@@ -32,7 +32,6 @@ use rand::{Rng, SeedableRng};
 
 use crate::kv_cache::SeqKvCache;
 use crate::models::{Decoder, Logits, SeqInput};
-use crate::quant::Quant;
 use crate::{Error, Result};
 
 /// The context before a test is filled in passes of at most this many
@@ -254,14 +253,14 @@ fn sync(device: &Device) -> Result<()> {
 
 /// Bytes of weights one decode step reads: all of them, except that an
 /// input embedding the head does not share (an untied one, or a tied one
-/// whose head `quant` stored as a quantized copy) contributes one row, not
-/// the table. (The KV cache adds `2 × layers × kv_heads × head_dim`
+/// whose head is a quantized copy, from `--quant` or a GGUF file)
+/// contributes one row, not the table. (The KV cache adds `2 × layers × kv_heads × head_dim`
 /// elements per cached position, negligible at small depths, and is not
 /// counted.)
-pub fn weight_bytes_per_token(model: &Decoder, quant: Quant) -> usize {
+pub fn weight_bytes_per_token(model: &Decoder) -> usize {
     let c = model.config();
     let mut n = model.weight_bytes();
-    if !c.tie_word_embeddings || quant != Quant::None {
+    if !model.head_is_embedding_table() {
         let row = c.hidden_size * model.weight_dtype().size_in_bytes();
         n = n.saturating_sub(row * c.vocab_size.saturating_sub(1));
     }

@@ -289,7 +289,7 @@ fn run_model(model_args: ModelArgs, args: BenchArgs) -> anyhow::Result<()> {
         device: model_args.device.clone(),
         backend: backend.to_string(),
         threads,
-        bytes_per_token: bench::weight_bytes_per_token(model, quant),
+        bytes_per_token: bench::weight_bytes_per_token(model),
         bandwidth,
     };
     let rows: Vec<Row> = results.iter().map(|m| Row::new(&info, m)).collect();

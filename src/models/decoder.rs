@@ -322,6 +322,13 @@ impl Decoder {
         n
     }
 
+    /// Whether the head is the embedding table itself (tied and dense), so
+    /// a decode step reads the table whole once, as the head. A quantized
+    /// tied head (`--quant`, or a GGUF's quantized table) is a copy.
+    pub fn head_is_embedding_table(&self) -> bool {
+        self.config.tie_word_embeddings && !self.lm_head.is_quantized()
+    }
+
     /// Bytes the weights take in memory, in their runtime dtypes (norms are
     /// f32), counting a tied embedding once, as `num_parameters` counts.
     pub fn weight_bytes(&self) -> usize {
@@ -330,7 +337,7 @@ impl Decoder {
         let dsize = self.dtype.size_in_bytes();
         let mut n = bytes(self.embed.table()) + 4 * c.hidden_size;
         // A quantized tied head is a copy of the (dense) embeddings.
-        if !c.tie_word_embeddings || self.lm_head.is_quantized() {
+        if !self.head_is_embedding_table() {
             n += self.lm_head.weight_bytes();
         }
         for l in &self.layers {
