@@ -311,18 +311,25 @@ fn ggml_fixtures_dequantize_as_gguf_py_does() -> Result<()> {
     Ok(())
 }
 
-/// Our Q8_0 and Q4_0 quantizers follow llama.cpp's reference ones, which
-/// gguf-py reproduces bit for bit: the same data gives the same blocks.
-/// (Q8_0 rounds halves to even where llama.cpp rounds them away from zero;
-/// random data has no exact halves.)
+/// Our quantizers follow llama.cpp's reference ones (`quantize_row_*_ref`)
+/// closely enough to give the same blocks, bit for bit: Q8_0 and Q4_0
+/// against gguf-py (which reproduces them exactly), Q4_K and Q6_K against
+/// ggml-quants.c itself, on weights with outliers, a zero sub-block and a
+/// constant super-block. (Q8_0 rounds halves to even where llama.cpp rounds
+/// them away from zero; random data has no exact halves.)
 #[test]
-fn ggml_fixtures_quantize_as_gguf_py_does() -> Result<()> {
-    for name in ["q8_0", "q4_0"] {
+fn quantizers_give_llama_cpps_blocks() -> Result<()> {
+    for (name, rows) in [("q8_0", 3), ("q4_0", 3), ("q4_k", 16), ("q6_k", 16)] {
         let src = read_f32(&format!("{name}-src.f32"));
         let want = std::fs::read(fixture_path(&format!("{name}-quantized.bin")))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let m = QMatrix::quantize(name.parse()?, &src, 3, 512)?;
-        assert!(m.to_ggml_bytes()? == want, "{name}: blocks differ");
+        let m = QMatrix::quantize(name.parse()?, &src, rows, 512)?;
+        let got = m.to_ggml_bytes()?;
+        let (_, block) = m.format().ggml_block().expect("a block");
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.chunks(block).zip(want.chunks(block)).enumerate() {
+            assert!(g == w, "{name}: block {i} differs from llama.cpp's");
+        }
     }
     Ok(())
 }

@@ -234,11 +234,16 @@ impl Q40Matrix {
     }
 }
 
-/// Lane `l` takes the scale of block `l / 4` of its unit.
-const BLOCK_OF_LANE: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
+/// Lane `l` takes the scale of block `l / 4` of its unit (of the second
+/// unit of a pair, whose four scales follow the first's).
+const BLOCK_OF_LANE: [[i32; 16]; 2] = [
+    [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3],
+    [4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7],
+];
 
 impl UnitFormat for Q40Matrix {
     const ACTS: ActScale = ActScale::Block32;
+    const OFFSET_OF_SCALE: Option<f32> = Some(8.0);
 
     fn rows(&self) -> usize {
         self.rows
@@ -281,13 +286,35 @@ impl UnitFormat for Q40Matrix {
         let i = r * self.units + u;
         let (q0, q1) = unit::x86::nibbles512(line_bytes(&self.qs).as_ptr().add(i * 64));
         let d = unit::x86::f16x4(self.d.as_ptr().add(i).cast());
-        let dl = unit::x86::lanes512(_mm512_castps128_ps512(d), &BLOCK_OF_LANE);
         unit::x86::Unit512 {
             q0,
             q1,
-            dl,
-            ol: _mm512_mul_ps(dl, _mm512_set1_ps(8.0)),
+            dl: unit::x86::lanes512(_mm512_castps128_ps512(d), &BLOCK_OF_LANE[0]),
+            ol: _mm512_setzero_ps(),
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair_avx512(&self, r: usize, p: usize) -> [unit::x86::Unit512; 2] {
+        use std::arch::x86_64::*;
+        let i = r * self.units + 2 * p;
+        let at = line_bytes(&self.qs).as_ptr().add(i * 64);
+        // Both units' eight scales in one conversion.
+        let d = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
+            self.d.as_ptr().add(i).cast(),
+        )));
+        let unit = |h: usize| {
+            let (q0, q1) = unit::x86::nibbles512(at.add(h * 64));
+            unit::x86::Unit512 {
+                q0,
+                q1,
+                dl: unit::x86::lanes512(d, &BLOCK_OF_LANE[h]),
+                ol: _mm512_setzero_ps(),
+            }
+        };
+        [unit(0), unit(1)]
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -30,7 +30,9 @@ use rayon::prelude::*;
 use super::check_ggml;
 use super::kernels::Kernel;
 use super::q8_0::{line_bytes, line_bytes_mut, lines, Line};
-use super::unit::{self, pack_nibbles, unpack_nibbles, ActScale, ScalarUnit, UnitFormat, UNIT};
+use super::unit::{
+    self, pack_nibbles, round_clamped, unpack_nibbles, ActScale, ScalarUnit, UnitFormat, UNIT,
+};
 use crate::{Error, Result};
 
 /// Weights per super-block (llama.cpp's `QK_K`).
@@ -81,87 +83,159 @@ struct Block {
     q: [u8; QK_K],
 }
 
-/// The affine grid for one sub-block: `(s, m)` with `x ≈ s·L − m`, `L` in
-/// 0..=15, minimising `Σ w (s·L − m − x)²` over the spacings tried.
-fn fit_sub_block(x: &[f32; 32], w: &[f32; 32]) -> (f32, f32) {
-    let hi = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+/// Eight values, one per sub-block of a super-block: the fit below runs
+/// the eight sub-blocks side by side, one per SIMD lane, so it has no
+/// horizontal sums and eight independent searches hide each other's
+/// latency (one sub-block at a time, each step waits on the last's
+/// divisions and sums).
+type Lanes = [f32; 8];
+
+/// The integers `l = round((x − origin) · iscale)` in 0..=15 per lane.
+/// (Functions rather than closures: a closure is compiled on its own,
+/// without the SIMD features of the function it sits in.)
+#[inline(always)]
+fn grid(xt: &[Lanes; 32], l: &mut [Lanes; 32], iscale: &Lanes, origin: &Lanes) {
+    for (l, x) in l.iter_mut().zip(xt) {
+        for j in 0..8 {
+            l[j] = round_clamped((x[j] - origin[j]) * iscale[j], 0.0, 15.0);
+        }
+    }
+}
+
+/// `Σ w (s·l + o − x)²` per lane.
+#[inline(always)]
+fn weighted_error(
+    xt: &[Lanes; 32],
+    wt: &[Lanes; 32],
+    l: &[Lanes; 32],
+    s: &Lanes,
+    o: &Lanes,
+) -> Lanes {
+    let mut err = [0f32; 8];
+    for ((x, w), l) in xt.iter().zip(wt).zip(l) {
+        for j in 0..8 {
+            let e = s[j] * l[j] + o[j] - x[j];
+            err[j] += w[j] * (e * e);
+        }
+    }
+    err
+}
+
+/// The affine grid for each sub-block `j` (column `j` of `xt`, which holds
+/// the super-block transposed: `xt[i][j]` is value `i` of sub-block `j`):
+/// `(s_j, m_j)` with `x ≈ s·L − m`, `L` in 0..=15, minimising
+/// `Σ w (s·L − m − x)²` over the grid spacings tried.
+#[inline(always)]
+fn fit_sub_blocks(xt: &[Lanes; 32], wt: &[Lanes; 32]) -> (Lanes, Lanes) {
+    let (mut hi, mut lo) = ([f32::NEG_INFINITY; 8], [f32::INFINITY; 8]);
+    let (mut sum_w, mut sum_x) = ([0f32; 8], [0f32; 8]);
+    for (x, w) in xt.iter().zip(wt) {
+        for j in 0..8 {
+            hi[j] = hi[j].max(x[j]);
+            lo[j] = lo[j].min(x[j]);
+            sum_w[j] += w[j];
+            sum_x[j] += w[j] * x[j];
+        }
+    }
     // The grid starts at or below zero so that zero stays representable
     // (m ≥ 0).
-    let mut origin = x.iter().fold(f32::INFINITY, |a, &b| a.min(b)).min(0.0);
-    if hi <= origin {
-        return (0.0, -origin);
-    }
-    let sum_w: f32 = w.iter().sum();
-    let sum_x: f32 = w.iter().zip(x).map(|(w, x)| w * x).sum();
-    let grid = |iscale: f32, origin: f32| -> [f32; 32] {
-        std::array::from_fn(|i| {
-            ((x[i] - origin) * iscale)
-                .round_ties_even()
-                .clamp(0.0, 15.0)
-        })
-    };
-    let error = |s: f32, o: f32, l: &[f32; 32]| -> f32 {
-        (0..32)
-            .map(|i| {
-                let e = s * l[i] + o - x[i];
-                w[i] * e * e
-            })
-            .sum()
-    };
-    let mut scale = (hi - origin) / 15.0;
-    let mut best = error(scale, origin, &grid(1.0 / scale, origin));
+    let mut origin = lo.map(|v| v.min(0.0));
+    // A constant sub-block (range 0) keeps scale 0 and its value as minimum.
+    let flat: [bool; 8] = std::array::from_fn(|j| hi[j] <= origin[j]);
+    let iscale: Lanes = std::array::from_fn(|j| {
+        if flat[j] {
+            0.0
+        } else {
+            15.0 / (hi[j] - origin[j])
+        }
+    });
+    let mut scale: Lanes = iscale.map(|i| 1.0 / i);
+    let mut l = [[0f32; 8]; 32];
+    grid(xt, &mut l, &iscale, &origin);
+    let mut best = weighted_error(xt, wt, &l, &scale, &origin);
     for step in 0..=20 {
         // Spacings from range/14 to range/16: a slightly coarser or finer
         // grid often fits the bulk of the values better than the one that
         // exactly spans the extremes.
-        let iscale = (14.0 + 0.1 * step as f32) / (hi - origin);
-        let l = grid(iscale, origin);
-        let (mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32);
-        for i in 0..32 {
-            sl += w[i] * l[i];
-            sl2 += w[i] * l[i] * l[i];
-            sxl += w[i] * l[i] * x[i];
+        let iscale: Lanes = std::array::from_fn(|j| {
+            let range = hi[j] - origin[j];
+            if range > 0.0 {
+                // (−1 + 0.1·step) + 15 in this order, as llama.cpp
+                // computes it: the same roundings give the same blocks.
+                ((-1.0 + 0.1 * step as f32) + 15.0) / range
+            } else {
+                0.0
+            }
+        });
+        grid(xt, &mut l, &iscale, &origin);
+        let (mut sl, mut sl2, mut sxl) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        for ((x, w), l) in xt.iter().zip(wt).zip(&l) {
+            for j in 0..8 {
+                let wl = w[j] * l[j];
+                sl[j] += wl;
+                sl2[j] += wl * l[j];
+                sxl[j] += wl * x[j];
+            }
         }
         // Weighted least squares for x ≈ s·L + o over this assignment.
-        let det = sum_w * sl2 - sl * sl;
-        if det <= 0.0 {
-            continue;
+        let mut s = [0f32; 8];
+        let mut o = [0f32; 8];
+        let mut solvable = [false; 8];
+        for j in 0..8 {
+            let det = sum_w[j] * sl2[j] - sl[j] * sl[j];
+            solvable[j] = det > 0.0;
+            let det = if solvable[j] { det } else { 1.0 };
+            s[j] = (sum_w[j] * sxl[j] - sum_x[j] * sl[j]) / det;
+            o[j] = (sl2[j] * sum_x[j] - sl[j] * sxl[j]) / det;
+            if o[j] > 0.0 {
+                // The format's minimum only lowers: refit the scale alone.
+                o[j] = 0.0;
+                s[j] = sxl[j] / sl2[j];
+            }
         }
-        let mut s = (sum_w * sxl - sum_x * sl) / det;
-        let mut o = (sl2 * sum_x - sl * sxl) / det;
-        if o > 0.0 {
-            // The format's minimum only lowers: refit the scale alone.
-            o = 0.0;
-            s = sxl / sl2;
-        }
-        let e = error(s, o, &l);
-        if e < best {
-            best = e;
-            scale = s;
-            origin = o;
+        let err = weighted_error(xt, wt, &l, &s, &o);
+        for j in 0..8 {
+            if solvable[j] && err[j] < best[j] {
+                best[j] = err[j];
+                scale[j] = s[j];
+                origin[j] = o[j];
+            }
         }
     }
-    (scale, -origin)
+    for j in 0..8 {
+        if flat[j] {
+            scale[j] = 0.0;
+        }
+    }
+    (scale, origin.map(|o| -o))
 }
 
+unit::simd_dispatch!(quantize_block_simd(x: &[f32; QK_K]) -> Block = quantize_block);
+
+#[inline(always)]
 fn quantize_block(x: &[f32; QK_K]) -> Block {
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
-    for j in 0..8 {
-        let xs: &[f32; 32] = x[32 * j..32 * (j + 1)].try_into().expect("32 values");
-        let rms = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
-        let w: [f32; 32] = std::array::from_fn(|i| rms + xs[i].abs());
-        (scales[j], mins[j]) = fit_sub_block(xs, &w);
+    // Transposed: xt[i][j] is value i of sub-block j. Each value's weight
+    // is the sub-block's RMS plus its magnitude: large values matter more.
+    let xt: [Lanes; 32] = std::array::from_fn(|i| std::array::from_fn(|j| x[32 * j + i]));
+    let mut sq = [0f32; 8];
+    for x in &xt {
+        for j in 0..8 {
+            sq[j] += x[j] * x[j];
+        }
     }
-    let max_scale = scales.iter().fold(0f32, |a, &b| a.max(b));
-    let max_min = mins.iter().fold(0f32, |a, &b| a.max(b));
+    let rms = sq.map(|s| (s / 32.0).sqrt());
+    let wt: [Lanes; 32] = std::array::from_fn(|i| std::array::from_fn(|j| rms[j] + xt[i][j].abs()));
+    let (scales, mins) = fit_sub_blocks(&xt, &wt);
+    // Compared, not `f32::max`: a minimum of −0 must leave `dmin` at +0.
+    let largest = |v: &Lanes| v.iter().fold(0f32, |a, &b| if b > a { b } else { a });
+    let (max_scale, max_min) = (largest(&scales), largest(&mins));
     let inv_scale = if max_scale > 0.0 {
         63.0 / max_scale
     } else {
         0.0
     };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-    let six_bits = |v: f32| v.round_ties_even().clamp(0.0, 63.0) as u8;
+    let six_bits = |v: f32| round_clamped(v, 0.0, 63.0) as u8;
     let sc: [u8; 8] = std::array::from_fn(|j| six_bits(inv_scale * scales[j]));
     let m: [u8; 8] = std::array::from_fn(|j| six_bits(inv_min * mins[j]));
     let d = f16::from_f32(max_scale / 63.0);
@@ -175,7 +249,7 @@ fn quantize_block(x: &[f32; QK_K]) -> Block {
         }
         let shift = dmin.to_f32() * m[j] as f32;
         for i in 32 * j..32 * (j + 1) {
-            q[i] = ((x[i] + shift) / step).round_ties_even().clamp(0.0, 15.0) as u8;
+            q[i] = round_clamped((x[i] + shift) / step, 0.0, 15.0) as u8;
         }
     }
     Block { d, dmin, sc, m, q }
@@ -286,7 +360,7 @@ impl Q4KMatrix {
             let x = &row[(s * QK_K).min(cols)..((s + 1) * QK_K).min(cols)];
             let mut padded = [0f32; QK_K];
             padded[..x.len()].copy_from_slice(x);
-            quantize_block(&padded)
+            quantize_block_simd(&padded)
         });
         Ok(m)
     }
@@ -366,6 +440,23 @@ impl Q4KMatrix {
     }
 }
 
+impl Q4KMatrix {
+    /// Super-block `s` of row `r`'s factors as sixteen floats:
+    /// `[d·sc_0 … d·sc_7, dmin·m_0 … dmin·m_7]`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn scales512(&self, r: usize, s: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let meta = self.meta.as_ptr().add(r * self.sbs + s);
+        let sm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+            (*meta).sm.as_ptr().cast(),
+        )));
+        let dm = unit::x86::f16x2((*meta).dm.as_ptr().cast());
+        _mm512_mul_ps(sm, unit::x86::lanes512(_mm512_castps128_ps512(dm), &D_DMIN))
+    }
+}
+
 /// Per half super-block `h`: lane `l` takes sub-block `4h + l / 4`'s scale
 /// (index into `sm`); its minimum is 8 further on.
 const SCALE_OF_LANE: [[i32; 16]; 2] = [
@@ -384,6 +475,7 @@ const D_DMIN: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
 
 impl UnitFormat for Q4KMatrix {
     const ACTS: ActScale = ActScale::Super256;
+    const OFFSET_OF_SCALE: Option<f32> = None;
 
     fn rows(&self) -> usize {
         self.rows
@@ -424,16 +516,9 @@ impl UnitFormat for Q4KMatrix {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn unit_avx512(&self, r: usize, u: usize) -> unit::x86::Unit512 {
-        use std::arch::x86_64::*;
         let (q0, q1) =
             unit::x86::nibbles512(line_bytes(&self.qs).as_ptr().add((r * self.units + u) * 64));
-        let meta = self.meta.as_ptr().add(r * self.sbs + u / 2);
-        let sm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-            (*meta).sm.as_ptr().cast(),
-        )));
-        let dm = unit::x86::f16x2((*meta).dm.as_ptr().cast());
-        // [d·sc_0 … d·sc_7, dmin·m_0 … dmin·m_7]
-        let f = _mm512_mul_ps(sm, unit::x86::lanes512(_mm512_castps128_ps512(dm), &D_DMIN));
+        let f = self.scales512(r, u / 2);
         let h = u % 2;
         unit::x86::Unit512 {
             q0,
@@ -441,6 +526,26 @@ impl UnitFormat for Q4KMatrix {
             dl: unit::x86::lanes512(f, &SCALE_OF_LANE[h]),
             ol: unit::x86::lanes512(f, &MIN_OF_LANE[h]),
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair_avx512(&self, r: usize, p: usize) -> [unit::x86::Unit512; 2] {
+        let at = line_bytes(&self.qs)
+            .as_ptr()
+            .add((r * self.units + 2 * p) * 64);
+        let f = self.scales512(r, p);
+        let unit = |h: usize| {
+            let (q0, q1) = unit::x86::nibbles512(at.add(h * 64));
+            unit::x86::Unit512 {
+                q0,
+                q1,
+                dl: unit::x86::lanes512(f, &SCALE_OF_LANE[h]),
+                ol: unit::x86::lanes512(f, &MIN_OF_LANE[h]),
+            }
+        };
+        [unit(0), unit(1)]
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -33,7 +33,7 @@ use super::check_ggml;
 use super::kernels::Kernel;
 use super::q4_k::QK_K;
 use super::q8_0::{line_bytes, line_bytes_mut, lines, Line};
-use super::unit::{self, ActScale, ScalarUnit, UnitFormat, POS, UNIT};
+use super::unit::{self, round_clamped, ActScale, ScalarUnit, UnitFormat, POS, UNIT};
 use crate::{Error, Result};
 
 /// Bytes of one ggml `block_q6_K`: 128 bytes of low nibbles, 64 of high
@@ -79,42 +79,83 @@ struct Block {
     q: [u8; QK_K],
 }
 
-/// The scale `s` for one group with `x ≈ s·L`, `L` in −32..=31, that
-/// minimises `Σ x² (s·L − x)²` over the spacings tried.
-fn fit_group(x: &[f32; 16]) -> f32 {
-    let mut max = 0f32;
-    for &v in x {
-        if v.abs() > max.abs() {
-            max = v;
+/// Sixteen values, one per group of a super-block: the fit below runs the
+/// sixteen groups side by side, one per SIMD lane (see `q4_k.rs`).
+type Lanes = [f32; 16];
+
+/// The scale `s_g` for each group `g` (column `g` of `xt`: `xt[i][g]` is
+/// value `i` of group `g`) with `x ≈ s·L`, `L` in −32..=31, minimising
+/// `Σ x² (s·L − x)²` over the grid spacings tried; and the integers
+/// `L + 32` of the spacing chosen (transposed like `xt`), which a group
+/// keeps if its scale later rounds to zero, as in llama.cpp (they stand for
+/// zero either way, but the same bytes make the formats comparable).
+#[inline(always)]
+fn fit_groups(xt: &[Lanes; 16]) -> (Lanes, [Lanes; 16]) {
+    // Each group's value of largest magnitude, with its sign. A group
+    // whose values are all (nearly) zero keeps scale 0 and integers 0.
+    let mut max = [0f32; 16];
+    for x in xt {
+        for g in 0..16 {
+            if x[g].abs() > max[g].abs() {
+                max[g] = x[g];
+            }
         }
     }
-    if max.abs() < 1e-15 {
-        return 0.0;
-    }
-    let mut scale = 0f32;
+    let zero: [bool; 16] = std::array::from_fn(|g| max[g].abs() < 1e-15);
+    let mut scale = [0f32; 16];
+    let mut best_l = [[0f32; 16]; 16];
+    let mut l = [[0f32; 16]; 16];
     // For a fixed rounding L, the best scale is Σwxl / Σwl² and it lowers
     // the error by (Σwxl)² / Σwl²: keep the rounding that lowers it most.
-    let mut gain = 0f32;
-    for step in -9..=9 {
-        let iscale = -(32.0 + 0.1 * step as f32) / max;
-        let (mut sxl, mut sl2) = (0f32, 0f32);
-        for &v in x {
-            let l = (iscale * v).round_ties_even().clamp(-32.0, 31.0);
-            let w = v * v;
-            sxl += w * v * l;
-            sl2 += w * l * l;
+    let mut gain = [0f32; 16];
+    // The spacing that puts the largest value on −32 first (the end of the
+    // range with one more level), then the others: ties keep the first.
+    for step in [
+        0, -9, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+    ] {
+        let iscale: Lanes = std::array::from_fn(|g| {
+            if zero[g] {
+                0.0
+            } else {
+                -(32.0 + 0.1 * step as f32) / max[g]
+            }
+        });
+        let (mut sxl, mut sl2) = ([0f32; 16], [0f32; 16]);
+        for (x, l) in xt.iter().zip(&mut l) {
+            for g in 0..16 {
+                l[g] = round_clamped(iscale[g] * x[g], -32.0, 31.0);
+                let w = x[g] * x[g];
+                sxl[g] += w * x[g] * l[g];
+                sl2[g] += w * l[g] * l[g];
+            }
         }
-        if sl2 > 0.0 && sxl * sxl > gain * sl2 {
-            scale = sxl / sl2;
-            gain = scale * sxl;
+        let better: [bool; 16] = std::array::from_fn(|g| {
+            // The first spacing is taken as it is (its scale 0 if Σwl² is).
+            !zero[g] && (step == 0 || (sl2[g] > 0.0 && sxl[g] * sxl[g] > gain[g] * sl2[g]))
+        });
+        for g in 0..16 {
+            if better[g] {
+                scale[g] = if sl2[g] > 0.0 { sxl[g] / sl2[g] } else { 0.0 };
+                gain[g] = scale[g] * sxl[g];
+            }
+        }
+        for (best, l) in best_l.iter_mut().zip(&l) {
+            for g in 0..16 {
+                if better[g] {
+                    best[g] = l[g] + 32.0;
+                }
+            }
         }
     }
-    scale
+    (scale, best_l)
 }
 
+unit::simd_dispatch!(quantize_block_simd(x: &[f32; QK_K]) -> Block = quantize_block);
+
+#[inline(always)]
 fn quantize_block(x: &[f32; QK_K]) -> Block {
-    let scales: [f32; 16] =
-        std::array::from_fn(|g| fit_group(x[16 * g..16 * (g + 1)].try_into().expect("16 values")));
+    let xt: [Lanes; 16] = std::array::from_fn(|i| std::array::from_fn(|g| x[16 * g + i]));
+    let (scales, fitted) = fit_groups(&xt);
     let mut max = 0f32;
     for &s in &scales {
         if s.abs() > max.abs() {
@@ -122,25 +163,27 @@ fn quantize_block(x: &[f32; QK_K]) -> Block {
         }
     }
     if max.abs() < 1e-15 {
+        // All zero, as llama.cpp writes it: every byte 0.
         return Block {
             d: f16::ZERO,
             sc: [0; 16],
-            q: [32; QK_K],
+            q: [0; QK_K],
         };
     }
     // The largest scale maps to −128, as the integers' largest maps to −32.
     let iscale = -128.0 / max;
     let d = f16::from_f32(1.0 / iscale);
     let sc: [i8; 16] =
-        std::array::from_fn(|g| (iscale * scales[g]).round_ties_even().clamp(-128.0, 127.0) as i8);
-    let mut q = [32u8; QK_K];
-    for ((q, x), &sc) in q.chunks_exact_mut(16).zip(x.chunks_exact(16)).zip(&sc) {
-        let step = d.to_f32() * sc as f32;
-        if step == 0.0 {
-            continue;
-        }
-        for (q, &x) in q.iter_mut().zip(x) {
-            *q = ((x / step).round_ties_even().clamp(-32.0, 31.0) as i32 + 32) as u8;
+        std::array::from_fn(|g| round_clamped(iscale * scales[g], -128.0, 127.0) as i8);
+    let mut q = [0u8; QK_K];
+    for (g, (q, x)) in q.chunks_exact_mut(16).zip(x.chunks_exact(16)).enumerate() {
+        let step = d.to_f32() * sc[g] as f32;
+        for (i, (q, &x)) in q.iter_mut().zip(x).enumerate() {
+            *q = if step == 0.0 {
+                fitted[i][g] as u8
+            } else {
+                (round_clamped(x / step, -32.0, 31.0) as i32 + 32) as u8
+            };
         }
     }
     Block { d, sc, q }
@@ -268,7 +311,7 @@ impl Q6KMatrix {
             let x = &row[(s * QK_K).min(cols)..((s + 1) * QK_K).min(cols)];
             let mut padded = [0f32; QK_K];
             padded[..x.len()].copy_from_slice(x);
-            quantize_block(&padded)
+            quantize_block_simd(&padded)
         });
         Ok(m)
     }
@@ -350,6 +393,38 @@ impl Q6KMatrix {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Q6KMatrix {
+    /// Unit `i` (of all rows') 6-bit integers as its two vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn bits512(&self, i: usize) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+        use std::arch::x86_64::*;
+        let (lo, hi) = unit::x86::nibbles512(line_bytes(&self.ql).as_ptr().add(i * 64));
+        let t = _mm512_broadcast_i64x4(_mm256_loadu_si256(self.qh.as_ptr().add(i).cast()));
+        // Bytes 32–63 hold the second bit pair of each field: shift it down.
+        let t = _mm512_srlv_epi64(t, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0));
+        let m30 = _mm512_set1_epi8(0x30);
+        (
+            _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(t, 4), m30)),
+            _mm512_or_si512(hi, _mm512_and_si512(t, m30)),
+        )
+    }
+
+    /// Super-block `s` of row `r`'s sixteen group scales `d·sc_g`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn scales512(&self, r: usize, s: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let meta = self.meta.as_ptr().add(r * self.sbs + s);
+        let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            (*meta).sc.as_ptr().cast(),
+        )));
+        let d = _mm512_broadcastss_ps(unit::x86::f16x1(std::ptr::addr_of!((*meta).d).cast()));
+        _mm512_mul_ps(sc, d)
+    }
+}
+
 /// Per half super-block `h`: lane `l` takes group `8h + l / 2`'s scale.
 const GROUP_OF_LANE: [[i32; 16]; 2] = [
     [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7],
@@ -358,6 +433,7 @@ const GROUP_OF_LANE: [[i32; 16]; 2] = [
 
 impl UnitFormat for Q6KMatrix {
     const ACTS: ActScale = ActScale::Super256;
+    const OFFSET_OF_SCALE: Option<f32> = Some(32.0);
 
     fn rows(&self) -> usize {
         self.rows
@@ -399,27 +475,31 @@ impl UnitFormat for Q6KMatrix {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn unit_avx512(&self, r: usize, u: usize) -> unit::x86::Unit512 {
-        use std::arch::x86_64::*;
-        let i = r * self.units + u;
-        let (lo, hi) = unit::x86::nibbles512(line_bytes(&self.ql).as_ptr().add(i * 64));
-        let t = _mm512_broadcast_i64x4(_mm256_loadu_si256(self.qh.as_ptr().add(i).cast()));
-        // Bytes 32–63 hold the second bit pair of each field: shift it down.
-        let t = _mm512_srlv_epi64(t, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0));
-        let m30 = _mm512_set1_epi8(0x30);
-        let q0 = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(t, 4), m30));
-        let q1 = _mm512_or_si512(hi, _mm512_and_si512(t, m30));
-        let meta = self.meta.as_ptr().add(r * self.sbs + u / 2);
-        let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-            (*meta).sc.as_ptr().cast(),
-        )));
-        let d = _mm512_broadcastss_ps(unit::x86::f16x1(std::ptr::addr_of!((*meta).d).cast()));
-        let dl = unit::x86::lanes512(_mm512_mul_ps(sc, d), &GROUP_OF_LANE[u % 2]);
+        let (q0, q1) = self.bits512(r * self.units + u);
+        let f = self.scales512(r, u / 2);
         unit::x86::Unit512 {
             q0,
             q1,
-            dl,
-            ol: _mm512_mul_ps(dl, _mm512_set1_ps(32.0)),
+            dl: unit::x86::lanes512(f, &GROUP_OF_LANE[u % 2]),
+            ol: std::arch::x86_64::_mm512_setzero_ps(),
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pair_avx512(&self, r: usize, p: usize) -> [unit::x86::Unit512; 2] {
+        let f = self.scales512(r, p);
+        let unit = |h: usize| {
+            let (q0, q1) = self.bits512(r * self.units + 2 * p + h);
+            unit::x86::Unit512 {
+                q0,
+                q1,
+                dl: unit::x86::lanes512(f, &GROUP_OF_LANE[h]),
+                ol: std::arch::x86_64::_mm512_setzero_ps(),
+            }
+        };
+        [unit(0), unit(1)]
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -101,6 +101,53 @@ pub(crate) fn unpack_nibbles(bytes: &[u8; 64]) -> [u8; UNIT] {
     q
 }
 
+/// `v` clamped to `[lo, hi]` (integers) and rounded to the nearest integer,
+/// ties to even. Adding 1.5 · 2²³ leaves no fraction bits (the clamp keeps
+/// `|v|` far below 2²²): baseline x86-64 has no rounding instruction
+/// (SSE4.1), so `round_ties_even` would be a call into libm per value, and
+/// the quantizers round a few hundred times per weight.
+#[inline(always)]
+pub(crate) fn round_clamped(v: f32, lo: f32, hi: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v.clamp(lo, hi) + MAGIC) - MAGIC
+}
+
+/// Defines `fn $name(args) -> R` that runs `$inner` (an
+/// `#[inline(always)]` fn) compiled for the CPU at hand: the quantizers'
+/// loops over a block vectorize with 512- or 256-bit registers when the
+/// function they are inlined into allows it (as `quantize_token_dispatch`
+/// does for the activations). Everything `$inner` calls in its loops must
+/// be `#[inline(always)]` too; a closure would be compiled on its own,
+/// without the features.
+macro_rules! simd_dispatch {
+    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $inner:path) => {
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use $crate::quant::Kernel;
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $inner($($arg),*)
+                }
+                match Kernel::best() {
+                    // SAFETY: `best` only returns kernels whose features this
+                    // CPU has.
+                    Kernel::Avx512Vnni => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Kernel::Avx2 => return unsafe { avx2($($arg),*) },
+                    Kernel::Scalar => {}
+                }
+            }
+            $inner($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
 /// Units per row of `cols` weights.
 pub(crate) fn units_for(cols: usize) -> usize {
     cols.div_ceil(UNIT)
@@ -154,6 +201,10 @@ impl ActScale {
 pub(crate) trait UnitFormat: Sync {
     /// How its activations are quantized.
     const ACTS: ActScale;
+    /// `Some(c)` when every lane's offset is `c` times its scale (Q4_0: 8,
+    /// Q6_K: 32): the SIMD kernels then sum `dl · bx` and scale the sum by
+    /// `c` once per row, and the SIMD decoders leave `ol` unset.
+    const OFFSET_OF_SCALE: Option<f32>;
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
     fn units(&self) -> usize;
@@ -164,12 +215,20 @@ pub(crate) trait UnitFormat: Sync {
     /// The weight a decoded integer stands for, with the format's own
     /// operation order (so [`dequantize`] matches llama.cpp's exactly).
     fn weight(dl: f32, ol: f32, q: u8) -> f32;
-    /// Unit `u` of row `r` as the AVX-512 kernel reads it.
+    /// Unit `u` of row `r` as the AVX-512 kernel reads it (for a row's
+    /// last unit when it has no pair).
     ///
     /// # Safety
     /// AVX-512 F/BW/VL must be available, `r < rows()`, `u < units()`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn unit_avx512(&self, r: usize, u: usize) -> x86::Unit512;
+    /// Units `2p` and `2p + 1` of row `r` (one super-block of the K
+    /// formats, whose scales are then decoded once for both).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL must be available, `r < rows()`, `2p + 1 < units()`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pair_avx512(&self, r: usize, p: usize) -> [x86::Unit512; 2];
     /// Unit `u` of row `r` as the AVX2 kernel reads it.
     ///
     /// # Safety
@@ -576,10 +635,11 @@ fn scalar<F: UnitFormat, const T: usize>(
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{TokenActs, UnitFormat, LANES, UNIT};
+    use super::{ActScale, TokenActs, UnitFormat, LANES, UNIT};
 
     /// One unit for the AVX-512 kernel: the two vectors of weight integers
-    /// and the sixteen lanes' scales and offsets.
+    /// and the sixteen lanes' scales and offsets (`ol` unset when the
+    /// format has `OFFSET_OF_SCALE`).
     #[derive(Clone, Copy)]
     pub(crate) struct Unit512 {
         pub q0: __m512i,
@@ -598,8 +658,19 @@ pub(crate) mod x86 {
         pub ol: [__m256; 2],
     }
 
-    /// See the module docs. Two accumulators per token (the scaled
-    /// products, the offsets) keep each FMA chain at one step per unit.
+    /// `Σ q·x` per lane of one unit and token: two `vpdpbusd`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot512(w: &Unit512, xq: *const u8) -> __m512i {
+        let a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.q0, _mm512_loadu_si512(xq.cast()));
+        _mm512_dpbusd_epi32(a, w.q1, _mm512_loadu_si512(xq.add(64).cast()))
+    }
+
+    /// See the module docs. Units go in pairs (a K format's super-block),
+    /// the last alone when a row has an odd number. Two accumulators per
+    /// token (the scaled products, the offsets) keep each FMA chain short.
+    /// With a scale per 256 activations (the K formats) a pair's two units
+    /// are summed before their common activation scale is applied.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn avx512_vnni<F: UnitFormat, const T: usize>(
         m: &F,
@@ -608,28 +679,57 @@ pub(crate) mod x86 {
         x: &[TokenActs<'_>; T],
         out: &mut [f32],
     ) {
+        let units = m.units();
+        // The offset term per lane: `ol · bx`, or `dl · bx` scaled by `c`
+        // at the end.
+        let offset = |w: &Unit512| match F::OFFSET_OF_SCALE {
+            Some(_) => w.dl,
+            None => w.ol,
+        };
+        let c = F::OFFSET_OF_SCALE.unwrap_or(1.0);
         for i in 0..n {
+            let r = r0 + i;
             let mut acc = [_mm512_setzero_ps(); T];
             let mut off = [_mm512_setzero_ps(); T];
-            for u in 0..m.units() {
-                let w = m.unit_avx512(r0 + i, u);
+            for p in 0..units / 2 {
+                let w = m.pair_avx512(r, p);
+                let u = 2 * p;
                 for k in 0..T {
                     let xq = x[k].q.as_ptr().add(u * UNIT);
-                    let a = _mm512_dpbusd_epi32(
-                        _mm512_setzero_si512(),
-                        w.q0,
-                        _mm512_loadu_si512(xq.cast()),
-                    );
-                    let a = _mm512_dpbusd_epi32(a, w.q1, _mm512_loadu_si512(xq.add(64).cast()));
+                    let a0 = _mm512_cvtepi32_ps(dot512(&w[0], xq));
+                    let a1 = _mm512_cvtepi32_ps(dot512(&w[1], xq.add(UNIT)));
+                    let xd = x[k].d.as_ptr().add(u * LANES);
+                    match F::ACTS {
+                        ActScale::Super256 => {
+                            let s = _mm512_fmadd_ps(a1, w[1].dl, _mm512_mul_ps(a0, w[0].dl));
+                            acc[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(*xd), acc[k]);
+                        }
+                        ActScale::Block32 => {
+                            let s0 = _mm512_mul_ps(w[0].dl, _mm512_loadu_ps(xd));
+                            let s1 = _mm512_mul_ps(w[1].dl, _mm512_loadu_ps(xd.add(LANES)));
+                            acc[k] = _mm512_fmadd_ps(a0, s0, acc[k]);
+                            acc[k] = _mm512_fmadd_ps(a1, s1, acc[k]);
+                        }
+                    }
+                    let xb = x[k].b.as_ptr().add(u * LANES);
+                    off[k] = _mm512_fmadd_ps(offset(&w[0]), _mm512_loadu_ps(xb), off[k]);
+                    off[k] = _mm512_fmadd_ps(offset(&w[1]), _mm512_loadu_ps(xb.add(LANES)), off[k]);
+                }
+            }
+            if units % 2 == 1 {
+                let u = units - 1;
+                let w = m.unit_avx512(r, u);
+                for k in 0..T {
+                    let a = _mm512_cvtepi32_ps(dot512(&w, x[k].q.as_ptr().add(u * UNIT)));
                     let s = _mm512_mul_ps(w.dl, _mm512_loadu_ps(x[k].d.as_ptr().add(u * LANES)));
-                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, acc[k]);
+                    acc[k] = _mm512_fmadd_ps(a, s, acc[k]);
                     let b = _mm512_loadu_ps(x[k].b.as_ptr().add(u * LANES));
-                    off[k] = _mm512_fmadd_ps(w.ol, b, off[k]);
+                    off[k] = _mm512_fmadd_ps(offset(&w), b, off[k]);
                 }
             }
             for k in 0..T {
                 *out.get_unchecked_mut(i * T + k) =
-                    _mm512_reduce_add_ps(_mm512_sub_ps(acc[k], off[k]));
+                    _mm512_reduce_add_ps(_mm512_fnmadd_ps(off[k], _mm512_set1_ps(c), acc[k]));
             }
         }
     }
@@ -645,6 +745,7 @@ pub(crate) mod x86 {
         out: &mut [f32],
     ) {
         let ones = _mm256_set1_epi16(1);
+        let c = F::OFFSET_OF_SCALE.unwrap_or(1.0);
         for i in 0..n {
             let mut acc = [_mm256_setzero_ps(); T];
             let mut off = [_mm256_setzero_ps(); T];
@@ -664,12 +765,17 @@ pub(crate) mod x86 {
                         let a = _mm256_madd_epi16(p, ones);
                         let s = _mm256_mul_ps(w.dl[h], _mm256_loadu_ps(xd.add(8 * h)));
                         acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), s, acc[k]);
-                        off[k] = _mm256_fmadd_ps(w.ol[h], _mm256_loadu_ps(xb.add(8 * h)), off[k]);
+                        let o = match F::OFFSET_OF_SCALE {
+                            Some(_) => w.dl[h],
+                            None => w.ol[h],
+                        };
+                        off[k] = _mm256_fmadd_ps(o, _mm256_loadu_ps(xb.add(8 * h)), off[k]);
                     }
                 }
             }
             for k in 0..T {
-                *out.get_unchecked_mut(i * T + k) = hsum256(_mm256_sub_ps(acc[k], off[k]));
+                *out.get_unchecked_mut(i * T + k) =
+                    hsum256(_mm256_fnmadd_ps(off[k], _mm256_set1_ps(c), acc[k]));
             }
         }
     }
