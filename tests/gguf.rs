@@ -599,6 +599,17 @@ fn generate_from_a_bare_gguf_file_equals_the_reference() {
         assert_reference_text(name, &o);
         assert!(stderr(&o).contains("prompt: 5 tokens"), "{}", stderr(&o));
     }
+    // The summary says what the projections are stored as.
+    let o = taper(
+        &greedy_args(gguf_path("qwen2", "q8_0").to_str().expect("utf-8")),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("F32, q8_0 projections"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// A folder holding the fixture's tokenizer files and a GGUF:

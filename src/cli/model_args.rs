@@ -116,9 +116,14 @@ impl ModelArgs {
             DeviceSpec::Cuda(n) => format!("cuda:{n}"),
             DeviceSpec::Metal => "metal".to_string(),
         };
-        let precision = match quant {
-            Quant::None => format!("{dtype:?}"),
-            quant => format!("{dtype:?}, {quant} projections"),
+        // What the projections are stored as: `--quant`'s format, or the
+        // ones a GGUF file holds.
+        let formats = pipeline.model.projection_formats();
+        let precision = if formats.is_empty() {
+            format!("{dtype:?}")
+        } else {
+            let names: Vec<String> = formats.iter().map(Quant::to_string).collect();
+            format!("{dtype:?}, {} projections", names.join("/"))
         };
         eprintln!(
             "loaded {} ({}, {:.1}M parameters, {}, {:.0} MiB of weights, {}) in {:.2}s",

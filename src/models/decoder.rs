@@ -322,6 +322,24 @@ impl Decoder {
         n
     }
 
+    /// The quantized formats the projections (and the head) are stored in,
+    /// each once, in the order met; empty when all are dense. A GGUF file
+    /// may mix several (Q4_K_M: Q4_K and Q6_K).
+    pub fn projection_formats(&self) -> Vec<Quant> {
+        let mut formats = Vec::new();
+        let layers = self.layers.iter().flat_map(|l| {
+            let a = &l.attn;
+            [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down]
+        });
+        for lin in layers.chain([&self.lm_head]) {
+            let f = lin.format();
+            if f != Quant::None && !formats.contains(&f) {
+                formats.push(f);
+            }
+        }
+        formats
+    }
+
     /// Whether the head is the embedding table itself (tied and dense), so
     /// a decode step reads the table whole once, as the head. A quantized
     /// tied head (`--quant`, or a GGUF's quantized table) is a copy.

@@ -113,6 +113,14 @@ impl Linear {
         matches!(self.weight, LinearWeight::Quantized(_))
     }
 
+    /// The weight's quantized format (`Quant::None` when dense).
+    pub fn format(&self) -> Quant {
+        match &self.weight {
+            LinearWeight::Dense(_) => Quant::None,
+            LinearWeight::Quantized(q) => q.format(),
+        }
+    }
+
     /// Number of weights (`out × in`), without the bias.
     pub fn num_weights(&self) -> usize {
         match &self.weight {
