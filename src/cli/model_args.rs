@@ -37,8 +37,10 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub dtype: String,
 
-    /// none, or q8_0: quantize every linear projection to 8 bits at load
-    /// (about 4x less memory than f32, faster on CPUs; CPU only).
+    /// none, q8_0, q6_k, q4_k or q4_0: quantize every linear projection at
+    /// load, in llama.cpp's formats (8.5, 6.56, 4.5 and 4.5 bits a weight:
+    /// 4 to 7x less memory than f32, and faster on CPUs; CPU only). q4_k and
+    /// q4_0 keep the output head in q6_k, as llama.cpp's Q4_K_M does.
     #[arg(long, default_value = "none")]
     pub quant: String,
 

@@ -256,10 +256,12 @@ impl Decoder {
                 // A table stored quantized serves as the head as it is.
                 Some(q) => Linear::from_quantized(q, None),
                 // Quantizing copies the table: the lookup stays dense.
-                None => Linear::quantized(embed.table().clone(), None, quant)?,
+                None => Linear::quantized(embed.table().clone(), None, quant.for_head())?,
             }
         } else {
-            linear("lm_head", h, c.vocab_size, false)?
+            // The head in its own format (Q6_K under a 4-bit --quant).
+            let head = quant.for_head();
+            Linear::load(store, "lm_head", h, c.vocab_size, false, dtype, device, head)?
         };
 
         Ok(Decoder {
