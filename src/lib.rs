@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: a model source ([`hub`]) resolves to files, [`config`]
 //! turns `config.json` into one runtime [`config::ModelConfig`], [`weights`]
-//! memory-maps the safetensors, and [`models`] builds the decoder whose forward
+//! memory-maps the safetensors (or [`gguf`] reads a GGUF file's metadata and
+//! tensors into the same two), and [`models`] builds the decoder whose forward
 //! pass takes a batch of sequences with their own positions and KV caches
 //! ([`kv_cache`]), owned outside the model so a scheduler can batch them.
 
