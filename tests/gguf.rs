@@ -817,7 +817,7 @@ fn llama_cpp_vocab_dir() -> Option<PathBuf> {
 }
 
 #[test]
-#[ignore = "needs llama.cpp's models/ggml-vocab-*.gguf (scripts/compare_peers.sh, or TAPER_LLAMA_CPP_DIR)"]
+#[ignore = "needs llama.cpp's models/ggml-vocab-*.gguf: scripts/test.sh fetches them (scripts/fetch_llama_cpp_vocab.sh) and sets TAPER_LLAMA_CPP_DIR"]
 fn llama_cpp_vocab_files_encode_as_their_references() {
     let dir = llama_cpp_vocab_dir().expect(
         "llama.cpp's models/ folder: run scripts/compare_peers.sh or set TAPER_LLAMA_CPP_DIR",
