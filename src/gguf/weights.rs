@@ -207,10 +207,23 @@ impl TensorSource for GgufWeights<'_> {
             )));
         }
         let Some(format) = kernel_format(entry.dtype) else {
-            // Dense in the file (the caller loads it, and quantizes it if
-            // asked to), or a format without kernels of ours (`load`
-            // dequantizes it).
-            return Ok(None);
+            let Some(target) = requantize_format(entry.dtype) else {
+                // Dense in the file: the caller loads it (and quantizes it
+                // if asked to).
+                return Ok(None);
+            };
+            // A format without kernels of ours (Q5_0 and friends, which
+            // llama.cpp's Q4_K_M uses for rows that are not whole 256-blocks,
+            // e.g. all of Qwen2.5-0.5B's 896-wide projections): stored again
+            // in a format with kernels and at least its precision, instead of
+            // dense f32, which would read 4-6x the bytes per token.
+            let dense = self.dense(&gguf, entry, fix)?;
+            let part = dense.narrow(0, rows.start, rows.len())?.contiguous()?;
+            let q = crate::quant::quantize_tensor(&part, target)?;
+            if rows.end == n_rows {
+                self.file.release(entry);
+            }
+            return Ok(Some(q));
         };
         let row_bytes = cols / entry.dtype.block_size() * entry.dtype.type_size();
         let bytes = match fix {
@@ -244,6 +257,17 @@ fn kernel_format(dtype: GgmlDType) -> Option<Quant> {
         GgmlDType::Q6K => Quant::Q6K,
         GgmlDType::Q4K => Quant::Q4K,
         GgmlDType::Q4_0 => Quant::Q4_0,
+        _ => return None,
+    })
+}
+
+/// The format a quantized ggml type without kernels of ours is stored in:
+/// Q8_0 for the 4.5–5.5-bit types (nearly lossless), Q4_K for the 2–3-bit
+/// K-quants (more bits than they have).
+fn requantize_format(dtype: GgmlDType) -> Option<Quant> {
+    Some(match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => Quant::Q8_0,
+        GgmlDType::Q2K | GgmlDType::Q3K => Quant::Q4K,
         _ => return None,
     })
 }
