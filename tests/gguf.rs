@@ -133,12 +133,31 @@ fn f32_gguf_matches_the_reference_and_the_safetensors_load() {
 #[test]
 fn q8_0_gguf_agrees_with_the_reference() {
     for name in Q8_0 {
+        assert_quantized_gguf_agrees(name, "q8_0", 85, 0.35);
+    }
+}
+
+/// Q5_0, which taper has no kernels for (llama.cpp's Q4_K_M falls back to
+/// it for rows that are not whole 256-blocks): stored again as Q8_0 at
+/// load, it must stay quantized and agree with the reference as well as
+/// Q5_0 itself does. `qwen2-q5_0.gguf` is `llama-quantize qwen2-f32.gguf …
+/// Q5_0` (22 Q5_0 tensors, the head Q8_0). Q5_0's own error on this tiny
+/// model is large: the exact dequantization of the file, run dense, agrees
+/// on 85/128 positions with mean |Δ logprob| ≈ 1.3; requantized to Q8_0 it
+/// measured 81/128 and 1.32, so the bounds are 60% and 1.6.
+#[test]
+fn q5_0_gguf_is_requantized_and_agrees_with_the_reference() {
+    assert_quantized_gguf_agrees("qwen2", "q5_0", 60, 1.6);
+}
+
+fn assert_quantized_gguf_agrees(name: &str, kind: &str, min_top1_pct: usize, max_mean: f32) {
+    {
         let r = Reference::load(name);
-        let model = load_gguf(&gguf_path(name, "q8_0"), Quant::None);
+        let model = load_gguf(&gguf_path(name, kind), Quant::None);
         let dense = load_safetensors(name);
         assert!(
             model.weight_bytes() * 10 < dense.weight_bytes() * 7,
-            "{name}: Q8_0 weights must stay quantized ({} bytes against {} dense)",
+            "{name} {kind}: weights must stay quantized ({} bytes against {} dense)",
             model.weight_bytes(),
             dense.weight_bytes()
         );
@@ -162,12 +181,12 @@ fn q8_0_gguf_agrees_with_the_reference() {
             lp_sum += mean * n as f32;
         }
         let mean = lp_sum / positions as f32;
-        eprintln!("{name} q8_0 GGUF: top-1 {top1}/{positions}, mean |Δ logprob| {mean:.4}");
+        eprintln!("{name} {kind} GGUF: top-1 {top1}/{positions}, mean |Δ logprob| {mean:.4}");
         assert!(
-            top1 * 100 >= positions * 85,
-            "{name}: top-1 agrees on only {top1} of {positions} positions"
+            top1 * 100 >= positions * min_top1_pct,
+            "{name} {kind}: top-1 agrees on only {top1} of {positions} positions"
         );
-        assert!(mean < 0.35, "{name}: mean |Δ logprob| {mean}");
+        assert!(mean < max_mean, "{name} {kind}: mean |Δ logprob| {mean}");
     }
 }
 
