@@ -386,9 +386,14 @@ fn quantize_token(x: &[f32], scale: ActScale, q: &mut [u8], d: &mut [f32], b: &m
                 break;
             }
             let ints = &ints[uu * UNIT..(uu + 1) * UNIT];
-            let qu = &mut q[u * UNIT..(u + 1) * UNIT];
-            for (j, &v) in ints.iter().enumerate() {
-                qu[POS[j] as usize] = v as u8;
+            let (v0, v1) = q[u * UNIT..(u + 1) * UNIT].split_at_mut(64);
+            // Unit order (see `POS`) as whole words: vector 0 takes the
+            // natural order's even 4-byte words, vector 1 the odd ones.
+            for (w, eight) in ints.chunks_exact(8).enumerate() {
+                for i in 0..4 {
+                    v0[4 * w + i] = eight[i] as u8;
+                    v1[4 * w + i] = eight[4 + i] as u8;
+                }
             }
             for l in 0..LANES {
                 let ds = scales[(uu * UNIT + 8 * l) / 32];
