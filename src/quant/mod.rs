@@ -288,33 +288,43 @@ impl QMatrix {
     }
 
     /// The products of several matrices of the same width with one input:
-    /// as one parallel pass (the input quantized once, the pool
-    /// synchronised once) when all are in the same format, else one by one.
+    /// one parallel pass per format among them (the input quantized once
+    /// for the pass, the pool synchronised once), so a layer's q/k/v that a
+    /// GGUF file stores in two formats (Q4_K_M's Q4_K and Q6_K) take two.
     pub fn matmul_many(mats: &[&QMatrix], x: &[f32], tokens: usize) -> Result<Vec<Vec<f32>>> {
         let kernel = Kernel::best();
-        macro_rules! all {
-            ($variant:ident) => {
-                mats.iter()
-                    .map(|m| match m {
-                        QMatrix::$variant(q) => Some(q),
-                        _ => None,
-                    })
-                    .collect::<Option<Vec<_>>>()
+        let mut outs: Vec<Option<Vec<f32>>> = vec![None; mats.len()];
+        for format in [Quant::Q8_0, Quant::Q6K, Quant::Q4K, Quant::Q4_0] {
+            let idx: Vec<usize> = (0..mats.len())
+                .filter(|&i| mats[i].format() == format)
+                .collect();
+            macro_rules! pass {
+                ($variant:ident, $run:path) => {{
+                    let ms: Vec<_> = idx
+                        .iter()
+                        .filter_map(|&i| match mats[i] {
+                            QMatrix::$variant(q) => Some(q),
+                            _ => None,
+                        })
+                        .collect();
+                    $run(kernel, &ms, x, tokens)?
+                }};
+            }
+            let ys = match format {
+                _ if idx.is_empty() => continue,
+                Quant::Q8_0 => pass!(Q8_0, q8_0::matmul_many),
+                Quant::Q6K => pass!(Q6K, unit::matmul_many),
+                Quant::Q4K => pass!(Q4K, unit::matmul_many),
+                Quant::Q4_0 => pass!(Q4_0, unit::matmul_many),
+                Quant::None => continue,
             };
+            for (i, y) in idx.into_iter().zip(ys) {
+                outs[i] = Some(y);
+            }
         }
-        if let Some(ms) = all!(Q8_0) {
-            return q8_0::matmul_many(kernel, &ms, x, tokens);
-        }
-        if let Some(ms) = all!(Q6K) {
-            return unit::matmul_many(kernel, &ms, x, tokens);
-        }
-        if let Some(ms) = all!(Q4K) {
-            return unit::matmul_many(kernel, &ms, x, tokens);
-        }
-        if let Some(ms) = all!(Q4_0) {
-            return unit::matmul_many(kernel, &ms, x, tokens);
-        }
-        mats.iter().map(|m| m.matmul(x, tokens)).collect()
+        outs.into_iter()
+            .map(|y| y.ok_or_else(|| Error::InvalidRequest("a product was not computed".into())))
+            .collect()
     }
 
     /// The weights as stored (dequantized), row-major `rows × cols`.
@@ -480,14 +490,14 @@ mod tests {
                 .to_string();
             assert!(err.contains("256") && err.contains("95"), "{err}");
         }
-        // Mixed formats still run, one by one.
+        // Mixed formats run one pass per format, each output in its place.
         let a = quantize_tensor(&w, Quant::Q4K)?;
         let b = quantize_tensor(&w, Quant::Q6K)?;
-        let both = matmul_tensor_many(&[&a, &b], &x)?;
-        assert_eq!(
-            both[1].to_vec2::<f32>()?,
-            matmul_tensor(&b, &x)?.to_vec2::<f32>()?
-        );
+        let c = quantize_tensor(&w, Quant::Q8_0)?;
+        let all = matmul_tensor_many(&[&a, &b, &c, &a], &x)?;
+        for (y, m) in all.iter().zip([&a, &b, &c, &a]) {
+            assert_eq!(y.to_vec2::<f32>()?, matmul_tensor(m, &x)?.to_vec2::<f32>()?);
+        }
         Ok(())
     }
 }
