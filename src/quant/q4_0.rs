@@ -15,7 +15,9 @@ use rayon::prelude::*;
 
 use super::check_ggml;
 use super::kernels::Kernel;
-use super::q8_0::{line_bytes, line_bytes_mut, lines, Line};
+#[cfg(target_arch = "x86_64")]
+use super::q8_0::line_bytes;
+use super::q8_0::{line_bytes_mut, lines, Line};
 use super::unit::{self, pack_nibbles, unpack_nibbles, ActScale, ScalarUnit, UnitFormat, UNIT};
 use crate::{Error, Result};
 
@@ -236,6 +238,7 @@ impl Q40Matrix {
 
 /// Lane `l` takes the scale of block `l / 4` of its unit (of the second
 /// unit of a pair, whose four scales follow the first's).
+#[cfg(target_arch = "x86_64")]
 const BLOCK_OF_LANE: [[i32; 16]; 2] = [
     [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3],
     [4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7],

@@ -29,7 +29,9 @@ use rayon::prelude::*;
 
 use super::check_ggml;
 use super::kernels::Kernel;
-use super::q8_0::{line_bytes, line_bytes_mut, lines, Line};
+#[cfg(target_arch = "x86_64")]
+use super::q8_0::line_bytes;
+use super::q8_0::{line_bytes_mut, lines, Line};
 use super::unit::{
     self, pack_nibbles, round_clamped, unpack_nibbles, ActScale, ScalarUnit, UnitFormat, UNIT,
 };

@@ -204,6 +204,7 @@ pub(crate) trait UnitFormat: Sync {
     /// `Some(c)` when every lane's offset is `c` times its scale (Q4_0: 8,
     /// Q6_K: 32): the SIMD kernels then sum `dl · bx` and scale the sum by
     /// `c` once per row, and the SIMD decoders leave `ol` unset.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const OFFSET_OF_SCALE: Option<f32>;
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
