@@ -261,7 +261,16 @@ impl Decoder {
         } else {
             // The head in its own format (Q6_K under a 4-bit --quant).
             let head = quant.for_head();
-            Linear::load(store, "lm_head", h, c.vocab_size, false, dtype, device, head)?
+            Linear::load(
+                store,
+                "lm_head",
+                h,
+                c.vocab_size,
+                false,
+                dtype,
+                device,
+                head,
+            )?
         };
 
         Ok(Decoder {
