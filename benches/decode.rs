@@ -11,18 +11,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use taper::models::layers::grouped_attention;
 use taper::sampling::{Sampler, SamplingParams};
 
-/// Deterministic values in [-scale, scale).
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 /// 14 query heads over 2 KV heads of 64: 7 queries share each KV head.
 fn attention(c: &mut Criterion) {

@@ -13,18 +13,8 @@ use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use taper::quant::{matmul_many, Kernel, Q8Matrix, QMatrix, Quant};
 
-/// Deterministic values in [-scale, scale).
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 fn bench_shape(c: &mut Criterion, cols: usize, rows: usize, tokens: usize) {
     let w = values(rows * cols, 1, 0.05);

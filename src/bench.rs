@@ -261,7 +261,7 @@ pub fn weight_bytes_per_token(model: &Decoder) -> usize {
     let c = model.config();
     let mut n = model.weight_bytes();
     if !model.head_is_embedding_table() {
-        let row = c.hidden_size * model.weight_dtype().size_in_bytes();
+        let row = model.embedding_row_bytes();
         n = n.saturating_sub(row * c.vocab_size.saturating_sub(1));
     }
     n

@@ -457,64 +457,49 @@ mod x86 {
         first.into_iter().chain(body)
     }
 
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn f32_avx512_rt<const R: usize, const T: usize>(
-        w: *const f32,
-        x: *const f32,
-        cols: usize,
-        out: *mut f32,
-        os: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); T]; R];
-        for (i, n) in steps(head_len(w as usize, cols, 4, 16), cols, 16) {
-            let m: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
-            let mut xv = [_mm512_setzero_ps(); T];
-            for (t, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(m, x.add(t * cols + i));
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_maskz_loadu_ps(m, w.add(r * cols + i));
-                for t in 0..T {
-                    a[t] = _mm512_fmadd_ps(wv, xv[t], a[t]);
+    /// An AVX-512 f32 multiply-add tile whose weights are `$w`, loaded as
+    /// 16 f32 lanes under mask `$m` from `$p` by `$load`.
+    macro_rules! avx512_fma_rt {
+        ($name:ident, $features:literal, $w:ty, |$p:ident, $m:ident| $load:expr) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize, const T: usize>(
+                w: *const $w,
+                x: *const f32,
+                cols: usize,
+                out: *mut f32,
+                os: usize,
+            ) {
+                let mut acc = [[_mm512_setzero_ps(); T]; R];
+                let elem = std::mem::size_of::<$w>();
+                for (i, n) in steps(head_len(w as usize, cols, elem, 16), cols, 16) {
+                    let $m: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
+                    let mut xv = [_mm512_setzero_ps(); T];
+                    for (t, v) in xv.iter_mut().enumerate() {
+                        *v = _mm512_maskz_loadu_ps($m, x.add(t * cols + i));
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let $p = w.add(r * cols + i);
+                        let wv = $load;
+                        for t in 0..T {
+                            a[t] = _mm512_fmadd_ps(wv, xv[t], a[t]);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    for t in 0..T {
+                        *out.add(t * os + r) = _mm512_reduce_add_ps(a[t]);
+                    }
                 }
             }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for t in 0..T {
-                *out.add(t * os + r) = _mm512_reduce_add_ps(a[t]);
-            }
-        }
+        };
     }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn bf16_avx512_rt<const R: usize, const T: usize>(
-        w: *const bf16,
-        x: *const f32,
-        cols: usize,
-        out: *mut f32,
-        os: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); T]; R];
-        for (i, n) in steps(head_len(w as usize, cols, 2, 16), cols, 16) {
-            let m: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
-            let mut xv = [_mm512_setzero_ps(); T];
-            for (t, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(m, x.add(t * cols + i));
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let h = _mm256_maskz_loadu_epi16(m, w.add(r * cols + i) as *const i16);
-                let wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                for t in 0..T {
-                    a[t] = _mm512_fmadd_ps(wv, xv[t], a[t]);
-                }
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for t in 0..T {
-                *out.add(t * os + r) = _mm512_reduce_add_ps(a[t]);
-            }
-        }
-    }
+    avx512_fma_rt!(f32_avx512_rt, "avx512f,avx512bw", f32, |p, m| {
+        _mm512_maskz_loadu_ps(m, p)
+    });
+    avx512_fma_rt!(bf16_avx512_rt, "avx512f,avx512bw,avx512vl", bf16, |p, m| {
+        let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    });
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn bf16_avx512bf16_rt<const R: usize, const T: usize>(
@@ -557,72 +542,57 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn f32_avx2_rt<const R: usize, const T: usize>(
-        w: *const f32,
-        x: *const f32,
-        cols: usize,
-        out: *mut f32,
-        os: usize,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        let steps = cols / 8;
-        for i in 0..steps {
-            let mut xv = [_mm256_setzero_ps(); T];
-            for (t, v) in xv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(x.add(t * cols + i * 8));
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let wv = _mm256_loadu_ps(w.add(r * cols + i * 8));
-                for t in 0..T {
-                    a[t] = _mm256_fmadd_ps(wv, xv[t], a[t]);
+    /// An AVX2 f32 multiply-add tile whose weights are `$w`, loaded as 8
+    /// f32 lanes from `$p` by `$load`; columns past the last whole step are
+    /// summed in scalar code (`$scalar` widens one weight).
+    macro_rules! avx2_fma_rt {
+        ($name:ident, $w:ty, |$p:ident| $load:expr, |$s:ident| $scalar:expr) => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn $name<const R: usize, const T: usize>(
+                w: *const $w,
+                x: *const f32,
+                cols: usize,
+                out: *mut f32,
+                os: usize,
+            ) {
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                let steps = cols / 8;
+                for i in 0..steps {
+                    let mut xv = [_mm256_setzero_ps(); T];
+                    for (t, v) in xv.iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(x.add(t * cols + i * 8));
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let $p = w.add(r * cols + i * 8);
+                        let wv = $load;
+                        for t in 0..T {
+                            a[t] = _mm256_fmadd_ps(wv, xv[t], a[t]);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    for t in 0..T {
+                        let mut s = hsum256(a[t]);
+                        for c in steps * 8..cols {
+                            let $s = *w.add(r * cols + c);
+                            s += $scalar * *x.add(t * cols + c);
+                        }
+                        *out.add(t * os + r) = s;
+                    }
                 }
             }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for t in 0..T {
-                let mut s = hsum256(a[t]);
-                for c in steps * 8..cols {
-                    s += *w.add(r * cols + c) * *x.add(t * cols + c);
-                }
-                *out.add(t * os + r) = s;
-            }
-        }
+        };
     }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn bf16_avx2_rt<const R: usize, const T: usize>(
-        w: *const bf16,
-        x: *const f32,
-        cols: usize,
-        out: *mut f32,
-        os: usize,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        let steps = cols / 8;
-        for i in 0..steps {
-            let mut xv = [_mm256_setzero_ps(); T];
-            for (t, v) in xv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(x.add(t * cols + i * 8));
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let h = _mm_loadu_si128(w.add(r * cols + i * 8) as *const __m128i);
-                let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-                for t in 0..T {
-                    a[t] = _mm256_fmadd_ps(wv, xv[t], a[t]);
-                }
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for t in 0..T {
-                let mut s = hsum256(a[t]);
-                for c in steps * 8..cols {
-                    s += widen(*w.add(r * cols + c)) * *x.add(t * cols + c);
-                }
-                *out.add(t * os + r) = s;
-            }
-        }
-    }
+    avx2_fma_rt!(f32_avx2_rt, f32, |p| _mm256_loadu_ps(p), |v| v);
+    avx2_fma_rt!(
+        bf16_avx2_rt,
+        bf16,
+        |p| {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        },
+        |v| widen(v)
+    );
 
     /// The `tile_*` entry points, one per `*_rt`.
     macro_rules! entry {

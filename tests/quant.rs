@@ -9,10 +9,11 @@
 //! logits are too (std ≈ 5), and after a few products in a row the logits
 //! move by ≈ 0.1–0.3: measured mean |Δ logprob| per position and vocabulary
 //! entry is 0.12–0.25 across the eight models (f32 gives < 1e-5), and top-1
-//! agreement 90.6–99.2%, the flips all at near-ties (reference margin below
-//! 0.85 logits). The bound of 0.35 leaves room for rounding changes while
-//! still failing for a wrong scale, block or row (those give errors of
-//! order 1 or more).
+//! agreement 89.1–97.7%, the flips all at near-ties. (With dense f32
+//! embeddings it was 90.6–99.2%; quantized models now keep the lookup table
+//! in bf16, which moves a few more near-ties, hence a top-1 bound of 85%.)
+//! The bound of 0.35 leaves room for rounding changes while still failing
+//! for a wrong scale, block or row (those give errors of order 1 or more).
 
 use candle_core::{DType, Device, Tensor, D};
 use taper::models::{Decoder, Logits, SeqInput};
@@ -118,7 +119,7 @@ fn check_agreement(quant: Quant, min_top1: f32, max_mean: f32) {
 
 #[test]
 fn q8_0_models_agree_with_the_f32_reference() {
-    check_agreement(Quant::Q8_0, 0.9, MAX_MEAN_ABS_LOGPROB_DIFF);
+    check_agreement(Quant::Q8_0, 0.85, MAX_MEAN_ABS_LOGPROB_DIFF);
 }
 
 /// Q6_K's weights carry about 3x Q8_0's error (relative RMS 0.025 against
