@@ -40,6 +40,7 @@ pub use q4_0::{Q40Matrix, Q4_0_BLOCK_BYTES, QK4_0};
 pub use q4_k::{Q4KMatrix, Q4_K_BLOCK_BYTES, QK_K};
 pub use q6_k::{Q6KMatrix, Q6_K_BLOCK_BYTES};
 pub use q8_0::{matmul_many, Q8Activations, Q8Matrix, Q8_0_BLOCK_BYTES, QK8_0};
+use unit::UnitFormat;
 pub use unit::{ActScale, UnitActs, UNIT};
 
 use crate::{Error, Result};
@@ -181,6 +182,17 @@ fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let start = layout.start_offset();
     let data = &cpu.as_slice::<f32>()?[start..start + t.elem_count()];
     Ok(f(data))
+}
+
+/// Checks that `len` values are a non-empty `[rows, cols]` matrix, before
+/// any format quantizes them.
+fn check_dense(len: usize, rows: usize, cols: usize) -> Result<()> {
+    if rows == 0 || cols == 0 || len != rows * cols {
+        return Err(Error::InvalidRequest(format!(
+            "cannot quantize {len} values as a [{rows}, {cols}] matrix"
+        )));
+    }
+    Ok(())
 }
 
 /// A quantized `[out, in]` weight in one of the supported formats.

@@ -14,7 +14,6 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::check_ggml;
-use super::kernels::Kernel;
 #[cfg(target_arch = "x86_64")]
 use super::q8_0::line_bytes;
 use super::q8_0::{line_bytes_mut, lines, Line};
@@ -128,6 +127,7 @@ impl Q40Matrix {
                             ds[u][k] = blk.d;
                         }
                     }
+                    // A range of exactly 64 bytes: the conversion cannot fail.
                     let out: &mut [u8; 64] = (&mut qs[u * 64..(u + 1) * 64])
                         .try_into()
                         .expect("64-byte unit");
@@ -139,12 +139,7 @@ impl Q40Matrix {
     /// Quantizes a row-major `[rows, cols]` matrix, rows in parallel. Any
     /// `cols` works: a last partial block is padded with zeros.
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        if rows == 0 || cols == 0 || data.len() != rows * cols {
-            return Err(Error::InvalidRequest(format!(
-                "cannot quantize {} values as a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
+        super::check_dense(data.len(), rows, cols)?;
         let mut m = Self::zeroed(rows, cols);
         m.fill(|r, b| {
             let row = &data[r * cols..(r + 1) * cols];
@@ -189,6 +184,7 @@ impl Q40Matrix {
                 for k in 0..BLOCKS_PER_UNIT {
                     let b = u * BLOCKS_PER_UNIT + k;
                     if b < blocks {
+                        // `q[k * QK4_0..(k + 1) * QK4_0]` is QK4_0 long: cannot fail.
                         let block = Block {
                             d: self.d[r * self.units + u][k],
                             q: q[k * QK4_0..(k + 1) * QK4_0].try_into().expect("a block"),
@@ -202,33 +198,9 @@ impl Q40Matrix {
         Ok(out)
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// Bytes held: nibbles and scales, padding included.
     pub fn size_bytes(&self) -> usize {
         self.qs.len() * 64 + self.d.len() * BLOCKS_PER_UNIT * 2
-    }
-
-    /// Back to dense f32 `[rows, cols]`.
-    pub fn dequantize(&self) -> Vec<f32> {
-        unit::dequantize(self)
-    }
-
-    /// `x · Wᵀ` for `x` row-major `[tokens, cols]`: `[tokens, rows]`, with
-    /// the best kernel this CPU has.
-    pub fn matmul(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
-        self.matmul_with(Kernel::best(), x, tokens)
-    }
-
-    /// [`Self::matmul`] with a chosen kernel (for tests and benchmarks).
-    pub fn matmul_with(&self, kernel: Kernel, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
-        unit::matmul(kernel, self, x, tokens)
     }
 
     fn unit_bytes(&self, r: usize, u: usize) -> &[u8; 64] {

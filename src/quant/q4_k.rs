@@ -28,7 +28,6 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::check_ggml;
-use super::kernels::Kernel;
 #[cfg(target_arch = "x86_64")]
 use super::q8_0::line_bytes;
 use super::q8_0::{line_bytes_mut, lines, Line};
@@ -335,6 +334,7 @@ impl Q4KMatrix {
                     for h in 0..2 {
                         let u = 2 * s + h;
                         if u < units {
+                            // Ranges of exactly UNIT and 64 bytes: cannot fail.
                             let q: &[u8; UNIT] =
                                 b.q[h * UNIT..(h + 1) * UNIT].try_into().expect("a unit");
                             let out: &mut [u8; 64] = (&mut qs[u * 64..(u + 1) * 64])
@@ -350,12 +350,7 @@ impl Q4KMatrix {
     /// Quantizes a row-major `[rows, cols]` matrix, rows in parallel. Any
     /// `cols` works: the row is padded with zeros to a whole unit (128).
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        if rows == 0 || cols == 0 || data.len() != rows * cols {
-            return Err(Error::InvalidRequest(format!(
-                "cannot quantize {} values as a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
+        super::check_dense(data.len(), rows, cols)?;
         let mut m = Self::zeroed(rows, cols);
         m.fill(|r, s| {
             let row = &data[r * cols..(r + 1) * cols];
@@ -397,6 +392,7 @@ impl Q4KMatrix {
                     q[h * UNIT..(h + 1) * UNIT]
                         .copy_from_slice(&unpack_nibbles(&self.qs[r * self.units + 2 * s + h].0));
                 }
+                // `sm` holds 16 bytes, split 8 + 8: cannot fail.
                 let block = Block {
                     d: meta.dm[0],
                     dmin: meta.dm[1],
@@ -411,34 +407,9 @@ impl Q4KMatrix {
         Ok(out)
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// Bytes held: nibbles and scales, padding included.
     pub fn size_bytes(&self) -> usize {
         self.qs.len() * 64 + self.meta.len() * std::mem::size_of::<Meta>()
-    }
-
-    /// Back to dense f32 `[rows, cols]`, as llama.cpp's
-    /// `dequantize_row_q4_K` computes it.
-    pub fn dequantize(&self) -> Vec<f32> {
-        unit::dequantize(self)
-    }
-
-    /// `x · Wᵀ` for `x` row-major `[tokens, cols]`: `[tokens, rows]`, with
-    /// the best kernel this CPU has.
-    pub fn matmul(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
-        self.matmul_with(Kernel::best(), x, tokens)
-    }
-
-    /// [`Self::matmul`] with a chosen kernel (for tests and benchmarks).
-    pub fn matmul_with(&self, kernel: Kernel, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
-        unit::matmul(kernel, self, x, tokens)
     }
 }
 

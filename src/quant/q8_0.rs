@@ -201,12 +201,7 @@ impl Q8Matrix {
     /// Quantizes a row-major `[rows, cols]` matrix, rows in parallel. Any
     /// `cols` works: a last partial block is padded with zeros.
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        if rows == 0 || cols == 0 || data.len() != rows * cols {
-            return Err(Error::InvalidRequest(format!(
-                "cannot quantize {} values as a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
+        super::check_dense(data.len(), rows, cols)?;
         let geo = Geometry::new(cols);
         let mut quants = lines(rows * geo.qstride);
         let mut scales = vec![f16::ZERO; rows * geo.sstride];

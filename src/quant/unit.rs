@@ -236,6 +236,32 @@ pub(crate) trait UnitFormat: Sync {
     /// AVX2, FMA and F16C must be available, `r < rows()`, `u < units()`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn unit_avx2(&self, r: usize, u: usize) -> x86::Unit256;
+
+    /// Back to dense f32 `[rows, cols]`, in the format's own operation
+    /// order (llama.cpp's `dequantize_row_*`).
+    fn dequantize(&self) -> Vec<f32>
+    where
+        Self: Sized,
+    {
+        dequantize(self)
+    }
+
+    /// `x · Wᵀ` for `x` row-major `[tokens, cols]`: `[tokens, rows]`, with
+    /// the best kernel this CPU has.
+    fn matmul(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>>
+    where
+        Self: Sized,
+    {
+        matmul(Kernel::best(), self, x, tokens)
+    }
+
+    /// [`Self::matmul`] with a chosen kernel (for tests and benchmarks).
+    fn matmul_with(&self, kernel: Kernel, x: &[f32], tokens: usize) -> Result<Vec<f32>>
+    where
+        Self: Sized,
+    {
+        matmul(kernel, self, x, tokens)
+    }
 }
 
 /// Dense `[rows, cols]` f32 weights of any unit format.
