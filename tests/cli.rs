@@ -3,20 +3,12 @@
 //! non-zero exit, never a panic.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use crate::common::{fixture, Reference};
+use crate::common::{fixture, stderr, Reference};
 
 fn taper(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_taper"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("taper runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    crate::common::taper_with_env(args, &[])
 }
 
 /// Copies a fixture so a test can damage it.

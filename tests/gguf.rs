@@ -8,7 +8,7 @@
 //! loopback Hub), with clear errors for damaged files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor, D};
 use taper::config::ModelConfig;
@@ -569,18 +569,7 @@ fn gguf_pre_tokenizers_encode_as_the_real_tokenizers() {
 
 // ---- the binary ---------------------------------------------------------
 
-fn taper(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_taper"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .envs(env.iter().copied())
-        .output()
-        .expect("taper runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use crate::common::{stderr, taper_with_env as taper};
 
 /// `generate` greedy for 32 tokens after "The quick b", as the references.
 fn greedy_args(model: &str) -> Vec<&str> {

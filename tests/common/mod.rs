@@ -114,3 +114,18 @@ pub fn real_tokenizer_dir(name: &str) -> PathBuf {
     );
     dir
 }
+
+/// Runs the real binary offline (`HF_HUB_OFFLINE=1`) with extra variables.
+pub fn taper_with_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_taper"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("taper runs")
+}
+
+/// A finished process's stderr as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
