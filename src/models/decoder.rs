@@ -147,32 +147,13 @@ impl Decoder {
                 .collect()
         };
 
-        let table = store.load(
-            "model.embed_tokens.weight",
-            &[c.vocab_size, h],
-            dtype,
-            device,
-        )?;
-        // Tied checkpoints may still carry an `lm_head.weight`; like
-        // `transformers`, a tied model ignores it and uses the embeddings.
-        // A tied head is built here, from the table as loaded, so that the
-        // table can be slimmed (below) before the layers load.
-        let tied_head = if c.tie_word_embeddings {
-            let stored = if device.is_cpu() {
-                store.load_quantized(
-                    "model.embed_tokens.weight",
-                    &[c.vocab_size, h],
-                    0..c.vocab_size,
-                )?
-            } else {
-                None
-            };
-            Some(match stored {
-                // A table stored quantized serves as the head as it is.
-                Some(q) => Linear::from_quantized(q, None),
-                // Quantizing copies the table: the lookup stays dense.
-                None => Linear::quantized(table.clone(), None, quant.for_head())?,
-            })
+        // A tied head stored quantized (GGUF) serves as the head as it is.
+        let stored_head = if c.tie_word_embeddings && device.is_cpu() {
+            store.load_quantized(
+                "model.embed_tokens.weight",
+                &[c.vocab_size, h],
+                0..c.vocab_size,
+            )?
         } else {
             None
         };
@@ -180,17 +161,32 @@ impl Decoder {
         // row a token, never streamed) is kept in bf16 rather than f32: it is
         // the largest tensor of a small model (545 of Qwen2.5-0.5B's 1,024
         // MiB under --quant q8_0), and bf16 rounds a row far less than the
-        // quantized projections do.
+        // quantized projections do. It is loaded in bf16 directly, so the
+        // f32 table never exists.
         let slim = device.is_cpu()
-            && table.dtype() == DType::F32
-            && (quant != Quant::None || tied_head.as_ref().is_some_and(Linear::is_quantized));
-        let embed = Embedding::new(if slim {
-            // Moved in, so the f32 table is freed here, not at the end.
-            let f32_table = table;
-            f32_table.to_dtype(DType::BF16)?
-        } else {
-            table
-        });
+            && dtype == DType::F32
+            && (quant != Quant::None || stored_head.is_some());
+        let table = store.load(
+            "model.embed_tokens.weight",
+            &[c.vocab_size, h],
+            if slim { DType::BF16 } else { dtype },
+            device,
+        )?;
+        // Tied checkpoints may still carry an `lm_head.weight`; like
+        // `transformers`, a tied model ignores it and uses the embeddings.
+        let tied_head = match stored_head {
+            Some(q) => Some(Linear::from_quantized(q, None)),
+            None if !c.tie_word_embeddings => None,
+            None if quant == Quant::None => Some(Linear::quantized(table.clone(), None, quant)?),
+            // Quantizing copies the table (the lookup stays dense), a block
+            // of rows at a time: widening the whole bf16 table to f32 first
+            // would be the load's peak.
+            None => Some(Linear::from_quantized(
+                crate::quant::quantize_tensor_by_rows(&table, quant.for_head())?,
+                None,
+            )),
+        };
+        let embed = Embedding::new(table);
 
         let mut ropes = vec![RotaryEmbedding::new(&c.rope, hd)];
         if let Some(local) = &c.rope_local {

@@ -164,6 +164,16 @@ pub(crate) fn check_ggml(
     Ok(blocks)
 }
 
+/// Checks that rows of width `other` can follow rows of width `cols`.
+fn check_append(cols: usize, other: usize) -> Result<()> {
+    if cols != other {
+        return Err(Error::InvalidRequest(format!(
+            "cannot append rows of {other} values to a matrix of rows of {cols}"
+        )));
+    }
+    Ok(())
+}
+
 /// What a quantized product on another device says.
 const CPU_ONLY: &str =
     "quantized weights (--quant) run on the CPU only for now: use --device cpu, or --quant none on a GPU";
@@ -343,6 +353,22 @@ impl QMatrix {
     pub fn dequantize(&self) -> Vec<f32> {
         each!(self, q => q.dequantize())
     }
+
+    /// Appends `other`'s rows (same format and width) after this matrix's,
+    /// reserving room for `more` rows after them in one allocation.
+    fn append_rows(&mut self, other: QMatrix, more: usize) -> Result<()> {
+        match (self, other) {
+            (QMatrix::Q8_0(a), QMatrix::Q8_0(b)) => a.append_rows(b, more),
+            (QMatrix::Q6K(a), QMatrix::Q6K(b)) => a.append_rows(b, more),
+            (QMatrix::Q4K(a), QMatrix::Q4K(b)) => a.append_rows(b, more),
+            (QMatrix::Q4_0(a), QMatrix::Q4_0(b)) => a.append_rows(b, more),
+            (a, b) => Err(Error::InvalidRequest(format!(
+                "cannot append {} rows to a {} matrix",
+                b.format(),
+                a.format()
+            ))),
+        }
+    }
 }
 
 /// Quantizes a dense `[out, in]` weight (any float dtype, on the CPU) into
@@ -355,6 +381,33 @@ pub fn quantize_tensor(w: &Tensor, quant: Quant) -> Result<QMatrix> {
         ));
     }
     with_f32_slice(w, |data| QMatrix::quantize(quant, data, rows, cols))?
+}
+
+/// [`quantize_tensor`] a block of rows at a time, each block widened to f32
+/// on its own: a large weight held in bf16 (a tied head quantized from the
+/// bf16 lookup table) is never copied whole in f32, which would double the
+/// load's peak memory for a moment.
+pub fn quantize_tensor_by_rows(w: &Tensor, quant: Quant) -> Result<QMatrix> {
+    /// f32 bytes widened at once.
+    const BLOCK_BYTES: usize = 16 << 20;
+    let (_, cols) = w.dims2()?;
+    quantize_rows_in_blocks(w, quant, (BLOCK_BYTES / (4 * cols.max(1))).max(1))
+}
+
+fn quantize_rows_in_blocks(w: &Tensor, quant: Quant, block: usize) -> Result<QMatrix> {
+    let (rows, _) = w.dims2()?;
+    let mut out: Option<QMatrix> = None;
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = block.min(rows - r0);
+        let part = quantize_tensor(&w.narrow(0, r0, n)?, quant)?;
+        r0 += n;
+        match out.as_mut() {
+            None => out = Some(part),
+            Some(m) => m.append_rows(part, rows - r0)?,
+        }
+    }
+    out.ok_or_else(|| Error::InvalidRequest("cannot quantize a matrix with no rows".into()))
 }
 
 /// `x · Wᵀ` for `x` of shape `[..., in]` on the CPU: `[..., out]` in `x`'s
@@ -510,6 +563,50 @@ mod tests {
         for (y, m) in all.iter().zip([&a, &b, &c, &a]) {
             assert_eq!(y.to_vec2::<f32>()?, matmul_tensor(m, &x)?.to_vec2::<f32>()?);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn quantizing_by_blocks_of_rows_gives_the_whole_matrix() -> Result<()> {
+        let dev = Device::Cpu;
+        // 11 rows of a width that is not whole super-blocks (the padded
+        // last unit must land in the right row after appending).
+        let (rows, cols) = (11, 300);
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.05)
+            .collect();
+        let w = Tensor::from_vec(v, (rows, cols), &dev)?.to_dtype(DType::BF16)?;
+        let x = Tensor::from_vec(
+            (0..2 * cols)
+                .map(|i| (i % 13) as f32 - 6.0)
+                .collect::<Vec<_>>(),
+            (2, cols),
+            &dev,
+        )?;
+        for quant in FORMATS {
+            let whole = quantize_tensor(&w, quant)?;
+            for block in [1, 3, 4, 11, 64] {
+                let parts = quantize_rows_in_blocks(&w, quant, block)?;
+                assert_eq!((parts.rows(), parts.cols()), (rows, cols), "{quant}");
+                assert_eq!(parts.size_bytes(), whole.size_bytes(), "{quant}");
+                assert_eq!(parts.dequantize(), whole.dequantize(), "{quant} by {block}");
+                assert_eq!(
+                    matmul_tensor(&parts, &x)?.to_vec2::<f32>()?,
+                    matmul_tensor(&whole, &x)?.to_vec2::<f32>()?,
+                    "{quant} by {block}"
+                );
+            }
+        }
+        // Rows of another width or format are refused.
+        let mut a = quantize_tensor(&w, Quant::Q4K)?;
+        let narrow = quantize_tensor(&w.narrow(1, 0, 256)?, Quant::Q4K)?;
+        let err = a.append_rows(narrow, 0).unwrap_err().to_string();
+        assert!(err.contains("256") && err.contains("300"), "{err}");
+        let err = a
+            .append_rows(quantize_tensor(&w, Quant::Q8_0)?, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("q8_0") && err.contains("q4_k"), "{err}");
         Ok(())
     }
 }

@@ -203,6 +203,18 @@ impl Q40Matrix {
         self.qs.len() * 64 + self.d.len() * BLOCKS_PER_UNIT * 2
     }
 
+    /// Appends `other`'s rows after this matrix's (same width), room for
+    /// `more` further rows being reserved once.
+    pub(crate) fn append_rows(&mut self, other: Self, more: usize) -> Result<()> {
+        super::check_append(self.cols, other.cols)?;
+        self.qs.reserve_exact((other.rows + more) * self.units);
+        self.d.reserve_exact((other.rows + more) * self.units);
+        self.qs.extend_from_slice(&other.qs);
+        self.d.extend_from_slice(&other.d);
+        self.rows += other.rows;
+        Ok(())
+    }
+
     fn unit_bytes(&self, r: usize, u: usize) -> &[u8; 64] {
         &self.qs[r * self.units + u].0
     }

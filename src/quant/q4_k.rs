@@ -411,6 +411,18 @@ impl Q4KMatrix {
     pub fn size_bytes(&self) -> usize {
         self.qs.len() * 64 + self.meta.len() * std::mem::size_of::<Meta>()
     }
+
+    /// Appends `other`'s rows after this matrix's (same width), room for
+    /// `more` further rows being reserved once.
+    pub(crate) fn append_rows(&mut self, other: Self, more: usize) -> Result<()> {
+        super::check_append(self.cols, other.cols)?;
+        self.qs.reserve_exact((other.rows + more) * self.units);
+        self.meta.reserve_exact((other.rows + more) * self.sbs);
+        self.qs.extend_from_slice(&other.qs);
+        self.meta.extend_from_slice(&other.meta);
+        self.rows += other.rows;
+        Ok(())
+    }
 }
 
 impl Q4KMatrix {

@@ -363,6 +363,20 @@ impl Q6KMatrix {
     pub fn size_bytes(&self) -> usize {
         self.ql.len() * 64 + self.qh.len() * 32 + self.meta.len() * std::mem::size_of::<Meta>()
     }
+
+    /// Appends `other`'s rows after this matrix's (same width), room for
+    /// `more` further rows being reserved once.
+    pub(crate) fn append_rows(&mut self, other: Self, more: usize) -> Result<()> {
+        super::check_append(self.cols, other.cols)?;
+        self.ql.reserve_exact((other.rows + more) * self.units);
+        self.qh.reserve_exact((other.rows + more) * self.units);
+        self.meta.reserve_exact((other.rows + more) * self.sbs);
+        self.ql.extend_from_slice(&other.ql);
+        self.qh.extend_from_slice(&other.qh);
+        self.meta.extend_from_slice(&other.meta);
+        self.rows += other.rows;
+        Ok(())
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

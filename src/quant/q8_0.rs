@@ -293,6 +293,20 @@ impl Q8Matrix {
         self.quants.len() * 64 + self.scales.len() * 2
     }
 
+    /// Appends `other`'s rows after this matrix's (same width), room for
+    /// `more` further rows being reserved once.
+    pub(crate) fn append_rows(&mut self, other: Self, more: usize) -> Result<()> {
+        super::check_append(self.geo.cols, other.geo.cols)?;
+        self.quants
+            .reserve_exact((other.rows + more) * self.geo.qstride / 64);
+        self.scales
+            .reserve_exact((other.rows + more) * self.geo.sstride);
+        self.quants.extend_from_slice(&other.quants);
+        self.scales.extend_from_slice(&other.scales);
+        self.rows += other.rows;
+        Ok(())
+    }
+
     /// The integer of weight `(r, c)` and its block's scale.
     pub fn get(&self, r: usize, c: usize) -> (i8, f32) {
         let q = line_bytes(&self.quants)[r * self.geo.qstride + c] ^ 0x80;
