@@ -180,6 +180,9 @@ fn formats(c: &mut Criterion) {
         bench_format(c, quant, 4864, 896, 1);
         bench_format(c, quant, 896, 151_936, 1);
         bench_format(c, quant, 896, 4864, 64);
+        // Llama-3.2-1B's MLP: wider rows, one token and a prefill block.
+        bench_format(c, quant, 2048, 8192, 1);
+        bench_format(c, quant, 2048, 8192, 64);
     }
 }
 

@@ -276,10 +276,10 @@ mod tests {
 
     #[test]
     fn a_missing_tokenizer_file_is_named() {
-        let err = Tokenizer::from_files(Path::new("/nonexistent/tokenizer.json"), None)
-            .err()
-            .expect("must fail")
-            .to_string();
+        let Err(err) = Tokenizer::from_files(Path::new("/nonexistent/tokenizer.json"), None) else {
+            panic!("a missing tokenizer.json must fail");
+        };
+        let err = err.to_string();
         assert!(err.contains("/nonexistent/tokenizer.json"), "{err}");
     }
 }

@@ -117,11 +117,8 @@ fn every_architecture_matches_transformers_in_a_batch() {
                 next[i] = vec![t];
             }
         }
-        for i in 0..n {
-            assert_eq!(
-                generated[i], r.greedy[i],
-                "{name} seq {i} in a batch: greedy tokens"
-            );
+        for (i, (got, want)) in generated.iter().zip(&r.greedy).enumerate() {
+            assert_eq!(got, want, "{name} seq {i} in a batch: greedy tokens");
         }
     }
 }

@@ -68,11 +68,14 @@ fn check_kernels<F: UnitFormat>(m: &F, x: &[f32], t: usize, label: &str) -> Resu
     for r in 0..rows {
         for u in 0..m.units() {
             m.unit_scalar(r, u, &mut su);
-            for j in 0..UNIT.min(cols - u * UNIT) {
+            for j in 0..UNIT {
+                let c = unit::column(F::ACTS, m.units(), u, j);
+                if c >= cols {
+                    continue;
+                }
                 let l = j / 8;
                 let q = su.q[unit::POS[j] as usize] as f64;
-                terms[r * cols + u * UNIT + j] =
-                    (su.dl[l] as f64 * q).abs() + su.ol[l].abs() as f64;
+                terms[r * cols + c] = (su.dl[l] as f64 * q).abs() + su.ol[l].abs() as f64;
             }
         }
     }
@@ -390,8 +393,9 @@ fn scalar_units_decode_the_ggml_values() -> Result<()> {
                     let l = j / 8;
                     assert!(l < LANES);
                     let v = F::weight(su.dl[l], su.ol[l], su.q[unit::POS[j] as usize]);
-                    let w = want[r * m.cols() + u * UNIT + j];
-                    assert_eq!(v.to_bits(), w.to_bits(), "{name} ({r}, {})", u * UNIT + j);
+                    let c = unit::column(F::ACTS, m.units(), u, j);
+                    let w = want[r * m.cols() + c];
+                    assert_eq!(v.to_bits(), w.to_bits(), "{name} ({r}, {c})");
                 }
             }
         }

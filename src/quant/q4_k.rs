@@ -32,7 +32,7 @@ use super::check_ggml;
 use super::q8_0::line_bytes;
 use super::q8_0::{line_bytes_mut, lines, Line};
 use super::unit::{
-    self, pack_nibbles, round_clamped, unpack_nibbles, ActScale, ScalarUnit, UnitFormat, UNIT,
+    self, pack_nibbles, round_clamped, unpack_nibbles, ActScale, ScalarUnit, UnitFormat,
 };
 use crate::{Error, Result};
 
@@ -334,13 +334,12 @@ impl Q4KMatrix {
                     for h in 0..2 {
                         let u = 2 * s + h;
                         if u < units {
-                            // Ranges of exactly UNIT and 64 bytes: cannot fail.
-                            let q: &[u8; UNIT] =
-                                b.q[h * UNIT..(h + 1) * UNIT].try_into().expect("a unit");
+                            let q = unit::unit_of_super(&b.q, units, s, h);
+                            // A range of exactly 64 bytes: cannot fail.
                             let out: &mut [u8; 64] = (&mut qs[u * 64..(u + 1) * 64])
                                 .try_into()
                                 .expect("64-byte unit");
-                            pack_nibbles(q, out);
+                            pack_nibbles(&q, out);
                         }
                     }
                 }
@@ -389,8 +388,8 @@ impl Q4KMatrix {
                 let meta = &self.meta[r * self.sbs + s];
                 let mut q = [0u8; QK_K];
                 for h in 0..2 {
-                    q[h * UNIT..(h + 1) * UNIT]
-                        .copy_from_slice(&unpack_nibbles(&self.qs[r * self.units + 2 * s + h].0));
+                    let vals = unpack_nibbles(&self.qs[r * self.units + 2 * s + h].0);
+                    unit::super_of_unit(&vals, self.units, s, h, &mut q);
                 }
                 // `sm` holds 16 bytes, split 8 + 8: cannot fail.
                 let block = Block {
@@ -442,21 +441,38 @@ impl Q4KMatrix {
     }
 }
 
-/// Per half super-block `h`: lane `l` takes sub-block `4h + l / 4`'s scale
-/// (index into `sm`); its minimum is 8 further on.
+/// Lane `l`'s sub-block (its scale's index in `sm`; the minimum is 8
+/// further on): `[paired unit, lone unit]` (see `unit::column`). Both
+/// units of a super-block take sub-block `l / 2`; a row's lone last half
+/// super-block holds sub-blocks 0–3, four lanes each.
 const SCALE_OF_LANE: [[i32; 16]; 2] = [
+    [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7],
     [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3],
-    [4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7],
 ];
 const MIN_OF_LANE: [[i32; 16]; 2] = [
+    [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15],
     [8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11],
-    [
-        12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15,
-    ],
 ];
 /// `[d, dmin]` spread to the scales' and the minimums' halves of `sm`.
 #[cfg(target_arch = "x86_64")]
 const D_DMIN: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
+
+impl Q4KMatrix {
+    /// Which row of [`SCALE_OF_LANE`] unit `u` takes.
+    fn lane_map(&self, u: usize) -> usize {
+        usize::from(!unit::is_paired(ActScale::Super256, self.units, u))
+    }
+}
+
+/// The first and last eight of sixteen lane indices.
+#[cfg(target_arch = "x86_64")]
+fn first8(map: &[i32; 16]) -> [i32; 8] {
+    std::array::from_fn(|i| map[i])
+}
+#[cfg(target_arch = "x86_64")]
+fn last8(map: &[i32; 16]) -> [i32; 8] {
+    std::array::from_fn(|i| map[8 + i])
+}
 
 impl UnitFormat for Q4KMatrix {
     const ACTS: ActScale = ActScale::Super256;
@@ -486,10 +502,10 @@ impl UnitFormat for Q4KMatrix {
         }
         let meta = &self.meta[r * self.sbs + u / 2];
         let (d, dmin) = (meta.dm[0].to_f32(), meta.dm[1].to_f32());
-        let h = u % 2;
+        let k = self.lane_map(u);
         for l in 0..16 {
-            out.dl[l] = d * meta.sm[SCALE_OF_LANE[h][l] as usize] as f32;
-            out.ol[l] = dmin * meta.sm[MIN_OF_LANE[h][l] as usize] as f32;
+            out.dl[l] = d * meta.sm[SCALE_OF_LANE[k][l] as usize] as f32;
+            out.ol[l] = dmin * meta.sm[MIN_OF_LANE[k][l] as usize] as f32;
         }
     }
 
@@ -504,12 +520,12 @@ impl UnitFormat for Q4KMatrix {
         let (q0, q1) =
             unit::x86::nibbles512(line_bytes(&self.qs).as_ptr().add((r * self.units + u) * 64));
         let f = self.scales512(r, u / 2);
-        let h = u % 2;
+        let k = self.lane_map(u);
         unit::x86::Unit512 {
             q0,
             q1,
-            dl: unit::x86::lanes512(f, &SCALE_OF_LANE[h]),
-            ol: unit::x86::lanes512(f, &MIN_OF_LANE[h]),
+            dl: unit::x86::lanes512(f, &SCALE_OF_LANE[k]),
+            ol: unit::x86::lanes512(f, &MIN_OF_LANE[k]),
         }
     }
 
@@ -521,14 +537,14 @@ impl UnitFormat for Q4KMatrix {
             .as_ptr()
             .add((r * self.units + 2 * p) * 64);
         let f = self.scales512(r, p);
+        // Both units' lanes share their sub-blocks (see `unit::column`).
+        let (dl, ol) = (
+            unit::x86::lanes512(f, &SCALE_OF_LANE[0]),
+            unit::x86::lanes512(f, &MIN_OF_LANE[0]),
+        );
         let unit = |h: usize| {
             let (q0, q1) = unit::x86::nibbles512(at.add(h * 64));
-            unit::x86::Unit512 {
-                q0,
-                q1,
-                dl: unit::x86::lanes512(f, &SCALE_OF_LANE[h]),
-                ol: unit::x86::lanes512(f, &MIN_OF_LANE[h]),
-            }
+            unit::x86::Unit512 { q0, q1, dl, ol }
         };
         [unit(0), unit(1)]
     }
@@ -546,10 +562,9 @@ impl UnitFormat for Q4KMatrix {
         let dm = _mm256_castps128_ps256(unit::x86::f16x2((*meta).dm.as_ptr().cast()));
         let fs = _mm256_mul_ps(sc, unit::x86::lanes256(dm, &[0; 8]));
         let fm = _mm256_mul_ps(m, unit::x86::lanes256(dm, &[1; 8]));
-        // Lanes 0–7 take sub-blocks 4h and 4h + 1, lanes 8–15 the next two.
-        let h = 4 * (u % 2) as i32;
-        let lo = [h, h, h, h, h + 1, h + 1, h + 1, h + 1];
-        let hi = [h + 2, h + 2, h + 2, h + 2, h + 3, h + 3, h + 3, h + 3];
+        // Lanes 0–7 and 8–15 (`sm` indices, which are `fs` and `fm` lanes).
+        let map = &SCALE_OF_LANE[self.lane_map(u)];
+        let (lo, hi) = (first8(map), last8(map));
         unit::x86::Unit256 {
             q,
             dl: [unit::x86::lanes256(fs, &lo), unit::x86::lanes256(fs, &hi)],

@@ -285,13 +285,12 @@ impl Q6KMatrix {
                     for h in 0..2 {
                         let u = 2 * s + h;
                         if u < units {
-                            // Ranges of exactly UNIT and 64 bytes: cannot fail.
-                            let q: &[u8; UNIT] =
-                                b.q[h * UNIT..(h + 1) * UNIT].try_into().expect("a unit");
+                            let q = unit::unit_of_super(&b.q, units, s, h);
+                            // A range of exactly 64 bytes: cannot fail.
                             let out: &mut [u8; 64] = (&mut ql[u * 64..(u + 1) * 64])
                                 .try_into()
                                 .expect("64-byte unit");
-                            pack_unit(q, out, &mut qh[u]);
+                            pack_unit(&q, out, &mut qh[u]);
                         }
                     }
                 }
@@ -343,9 +342,8 @@ impl Q6KMatrix {
                     let u = r * self.units + 2 * s + h;
                     let mut ordered = [0u8; UNIT];
                     unit_order(&self.ql[u].0, &self.qh[u], &mut ordered);
-                    for j in 0..UNIT {
-                        q[h * UNIT + j] = ordered[POS[j] as usize];
-                    }
+                    let vals: [u8; UNIT] = std::array::from_fn(|j| ordered[POS[j] as usize]);
+                    unit::super_of_unit(&vals, self.units, s, h, &mut q);
                 }
                 let block = Block {
                     d: meta.d,
@@ -411,11 +409,20 @@ impl Q6KMatrix {
     }
 }
 
-/// Per half super-block `h`: lane `l` takes group `8h + l / 2`'s scale.
+/// Lane `l`'s scale group: `[paired unit, lone unit]` (see
+/// `unit::column`). Both units of a super-block take group `l`; a row's
+/// lone last half super-block holds groups 0–7, two lanes each.
 const GROUP_OF_LANE: [[i32; 16]; 2] = [
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
     [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7],
-    [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15],
 ];
+
+impl Q6KMatrix {
+    /// Which row of [`GROUP_OF_LANE`] unit `u` takes.
+    fn lane_map(&self, u: usize) -> usize {
+        usize::from(!unit::is_paired(ActScale::Super256, self.units, u))
+    }
+}
 
 impl UnitFormat for Q6KMatrix {
     const ACTS: ActScale = ActScale::Super256;
@@ -446,7 +453,7 @@ impl UnitFormat for Q6KMatrix {
             .dl
             .iter_mut()
             .zip(&mut out.ol)
-            .zip(&GROUP_OF_LANE[u % 2])
+            .zip(&GROUP_OF_LANE[self.lane_map(u)])
         {
             *dl = d * meta.sc[g as usize] as f32;
             *ol = 32.0 * *dl;
@@ -466,7 +473,7 @@ impl UnitFormat for Q6KMatrix {
         unit::x86::Unit512 {
             q0,
             q1,
-            dl: unit::x86::lanes512(f, &GROUP_OF_LANE[u % 2]),
+            dl: unit::x86::lanes512(f, &GROUP_OF_LANE[self.lane_map(u)]),
             ol: std::arch::x86_64::_mm512_setzero_ps(),
         }
     }
@@ -475,13 +482,14 @@ impl UnitFormat for Q6KMatrix {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn pair_avx512(&self, r: usize, p: usize) -> [unit::x86::Unit512; 2] {
-        let f = self.scales512(r, p);
+        // Both units' lane `l` is group `l` (see `unit::column`).
+        let dl = self.scales512(r, p);
         let unit = |h: usize| {
             let (q0, q1) = self.bits512(r * self.units + 2 * p + h);
             unit::x86::Unit512 {
                 q0,
                 q1,
-                dl: unit::x86::lanes512(f, &GROUP_OF_LANE[h]),
+                dl,
                 ol: std::arch::x86_64::_mm512_setzero_ps(),
             }
         };
@@ -518,14 +526,23 @@ impl UnitFormat for Q6KMatrix {
             join(_mm256_srli_epi16(b, 4), t2),
         ];
         let meta = self.meta.as_ptr().add(r * self.sbs + u / 2);
-        let h = 8 * (u % 2);
-        let sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-            (*meta).sc.as_ptr().add(h).cast(),
-        )));
+        let scales8 = |at: usize| {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                (*meta).sc.as_ptr().add(at).cast(),
+            )))
+        };
         let d = _mm256_broadcastss_ps(unit::x86::f16x1(std::ptr::addr_of!((*meta).d).cast()));
-        let f = _mm256_mul_ps(sc, d);
-        let lo = unit::x86::lanes256(f, &[0, 0, 1, 1, 2, 2, 3, 3]);
-        let hi = unit::x86::lanes256(f, &[4, 4, 5, 5, 6, 6, 7, 7]);
+        let (lo, hi) = if self.lane_map(u) == 0 {
+            // Lanes 0–15 are groups 0–15.
+            (_mm256_mul_ps(scales8(0), d), _mm256_mul_ps(scales8(8), d))
+        } else {
+            // Lanes 0–15 are groups 0–7, two lanes each.
+            let f = _mm256_mul_ps(scales8(0), d);
+            (
+                unit::x86::lanes256(f, &[0, 0, 1, 1, 2, 2, 3, 3]),
+                unit::x86::lanes256(f, &[4, 4, 5, 5, 6, 6, 7, 7]),
+            )
+        };
         let k = _mm256_set1_ps(32.0);
         unit::x86::Unit256 {
             q,
