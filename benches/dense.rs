@@ -54,6 +54,8 @@ fn products(c: &mut Criterion) {
     for tokens in [1, 4, 16, 64] {
         bench_shape(c, 896, 4864, tokens);
     }
+    // Llama-3.2-1B's MLP, a prefill block.
+    bench_shape(c, 2048, 8192, 64);
     // The tied head: 272 MB in bf16, far past the caches, so this one
     // measures streaming from memory.
     bench_shape(c, 896, 151_936, 1);
