@@ -123,17 +123,19 @@ fn f32_gguf_matches_the_reference_and_the_safetensors_load() {
 
 /// Q8_0 blocks from llama.cpp's quantizer: top-1 agreement with the f32
 /// reference and a mean |Δ logprob| under the bound `tests/quant.rs` measured
-/// for taper's own Q8_0 (the same format). The top-1 bound is 85%, not
-/// `tests/quant.rs`'s 90%: llama.cpp quantizes the token embeddings too, so
-/// every position's input carries rounding error as well (measured: 89% for
-/// Qwen2 to 98% for Gemma 3, against 91–99% with dense embeddings; the flips
-/// are at near-ties). A wrong row order or block layout fails both bounds by
+/// for taper's own Q8_0 (the same format). The top-1 bound is 80%, under
+/// `tests/quant.rs`'s: llama.cpp quantizes the token embeddings too, so
+/// every position's input carries rounding error as well (measured: 84%
+/// for Llama 3 to 98% for Gemma 3, against 91–99% with dense embeddings;
+/// the flips are at near-ties, and Llama 3 moved from 109 to 108 of 128
+/// when softmax and SiLU took a vectorised `exp` that agrees with libm's to
+/// 2e-6). A wrong row order or block layout fails both bounds by
 /// far, and `q8_0_gguf_weights_are_the_checkpoints_within_one_step` checks
 /// the weights themselves.
 #[test]
 fn q8_0_gguf_agrees_with_the_reference() {
     for name in Q8_0 {
-        assert_quantized_gguf_agrees(name, "q8_0", 85, 0.35);
+        assert_quantized_gguf_agrees(name, "q8_0", 80, 0.35);
     }
 }
 

@@ -217,7 +217,7 @@ pub fn grouped_attention(
             .broadcast_add(mask)?
             .reshape((nkv, rows, kv_len))?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+    let probs = crate::cpu_ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
@@ -266,12 +266,12 @@ pub struct Mlp {
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up] = Linear::forward_many([&self.gate, &self.up], x)?;
-        let gate = match self.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::Gelu => gate.gelu_erf()?,
+        let h = match self.activation {
+            Activation::Silu => crate::cpu_ops::silu_mul(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+            Activation::Gelu => (gate.gelu_erf()? * up)?,
         };
-        self.down.forward(&(gate * up)?)
+        self.down.forward(&h)
     }
 }
 
