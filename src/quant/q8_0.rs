@@ -41,6 +41,8 @@
 //! weight row is loaded once for four tokens, and a chunk's rows are sized to
 //! stay in L2 while the task's token tiles pass over them.
 
+use std::mem::MaybeUninit;
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -350,6 +352,9 @@ impl Q8Matrix {
         acts: &Q8Activations,
         out: &mut [f32],
     ) -> Result<()> {
+        // SAFETY: the same memory seen as possibly uninitialised; the pass
+        // only writes f32 values into it.
+        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
         matmul_group(kernel, &[self], acts, &mut [out])
     }
 
@@ -409,9 +414,31 @@ pub fn matmul_many(
         return Ok(Vec::new());
     };
     let acts = Q8Activations::quantize(x, tokens, first.geo.cols)?;
-    let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; tokens * m.rows]).collect();
-    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
-    matmul_group(kernel, mats, &acts, &mut views)?;
+    written_outputs(mats.iter().map(|m| tokens * m.rows), |views| {
+        matmul_group(kernel, mats, &acts, views)
+    })
+}
+
+/// Output buffers of `lens` values for a pass that writes every element
+/// (`run`), not zeroed first: at a prefill's sizes, zeroing and faulting in
+/// fresh pages measured a few percent of the pass.
+pub(crate) fn written_outputs(
+    lens: impl Iterator<Item = usize>,
+    run: impl FnOnce(&mut [&mut [MaybeUninit<f32>]]) -> Result<()>,
+) -> Result<Vec<Vec<f32>>> {
+    let lens: Vec<usize> = lens.collect();
+    let mut outs: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let mut views: Vec<&mut [MaybeUninit<f32>]> = outs
+        .iter_mut()
+        .zip(&lens)
+        .map(|(o, &n)| &mut o.spare_capacity_mut()[..n])
+        .collect();
+    run(&mut views)?;
+    drop(views);
+    for (o, &n) in outs.iter_mut().zip(&lens) {
+        // SAFETY: `run` returned Ok, so it wrote all `n` values of each.
+        unsafe { o.set_len(n) };
+    }
     Ok(outs)
 }
 
@@ -421,7 +448,7 @@ fn matmul_group(
     kernel: Kernel,
     mats: &[&Q8Matrix],
     acts: &Q8Activations,
-    outs: &mut [&mut [f32]],
+    outs: &mut [&mut [MaybeUninit<f32>]],
 ) -> Result<()> {
     if !kernel.is_available() {
         return Err(Error::Device(format!(
@@ -453,7 +480,12 @@ fn matmul_group(
         }
         let chunk = chunk_rows(m.rows, m.geo.qstride, tokens);
         let chunks = m.rows.div_ceil(chunk);
-        plan.push((chunk, chunks, tasks, SyncPtr(out.as_mut_ptr())));
+        plan.push((
+            chunk,
+            chunks,
+            tasks,
+            SyncPtr(out.as_mut_ptr().cast::<f32>()),
+        ));
         tasks += chunks * token_blocks;
     }
     let task = |i: usize| {

@@ -62,7 +62,9 @@
 use rayon::prelude::*;
 
 use super::kernels::Kernel;
-use super::q8_0::{chunk_rows, lines, Line, SyncPtr, TOKEN_TILE};
+use std::mem::MaybeUninit;
+
+use super::q8_0::{chunk_rows, lines, written_outputs, Line, SyncPtr, TOKEN_TILE};
 use crate::{Error, Result};
 
 /// Weights per unit.
@@ -530,9 +532,10 @@ pub(crate) fn matmul<F: UnitFormat>(
     tokens: usize,
 ) -> Result<Vec<f32>> {
     let acts = UnitActs::quantize(x, tokens, m.cols(), F::ACTS)?;
-    let mut out = vec![0f32; tokens * m.rows()];
-    run_group(kernel, &[m], &acts, &mut [&mut out])?;
-    Ok(out)
+    let mut outs = written_outputs([tokens * m.rows()].into_iter(), |views| {
+        run_group(kernel, &[m], &acts, views)
+    })?;
+    Ok(outs.pop().unwrap_or_default())
 }
 
 /// Products of several matrices of one format and width with the same
@@ -547,10 +550,9 @@ pub(crate) fn matmul_many<F: UnitFormat>(
         return Ok(Vec::new());
     };
     let acts = UnitActs::quantize(x, tokens, first.cols(), F::ACTS)?;
-    let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; tokens * m.rows()]).collect();
-    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
-    run_group(kernel, mats, &acts, &mut views)?;
-    Ok(outs)
+    written_outputs(mats.iter().map(|m| tokens * m.rows()), |views| {
+        run_group(kernel, mats, &acts, views)
+    })
 }
 
 /// The parallel pass: tasks of (matrix, chunk of rows, block of tokens),
@@ -559,7 +561,7 @@ pub(crate) fn run_group<F: UnitFormat>(
     kernel: Kernel,
     mats: &[&F],
     acts: &UnitActs,
-    outs: &mut [&mut [f32]],
+    outs: &mut [&mut [MaybeUninit<f32>]],
 ) -> Result<()> {
     if !kernel.is_available() {
         return Err(Error::Device(format!(
@@ -591,7 +593,12 @@ pub(crate) fn run_group<F: UnitFormat>(
         }
         let chunk = chunk_rows(m.rows(), m.row_bytes(), tokens);
         let chunks = m.rows().div_ceil(chunk);
-        plan.push((chunk, chunks, tasks, SyncPtr(out.as_mut_ptr())));
+        plan.push((
+            chunk,
+            chunks,
+            tasks,
+            SyncPtr(out.as_mut_ptr().cast::<f32>()),
+        ));
         tasks += chunks * token_blocks;
     }
     let task = |i: usize| {
