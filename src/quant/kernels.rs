@@ -182,6 +182,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Tile;
+    use crate::quant::unit::{x86::prefetch, PREFETCH_BYTES};
 
     /// See the module docs. Each iteration of the inner loop takes one
     /// 64-byte line (two blocks) of the weight row and reuses it for all
@@ -203,6 +204,8 @@ mod x86 {
                 let g = 2 * p;
                 let np = (pairs - p).min(8);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(g).cast()));
+                // Scales: 2 bytes per 32 weights (see `unit::PREFETCH_BYTES`).
+                prefetch(ws, 2 * g + PREFETCH_BYTES / 16);
                 let mut c = [_mm512_setzero_ps(); T];
                 for k in 0..T {
                     c[k] = _mm512_mul_ps(dw, _mm512_loadu_ps(t.xd[k].as_ptr().add(g)));
@@ -212,6 +215,7 @@ mod x86 {
                 let mut idx = idx0;
                 for j in 0..np {
                     let off = (p + j) * 64;
+                    prefetch(w, off + PREFETCH_BYTES);
                     let wv = _mm512_loadu_si512(w.add(off).cast());
                     for k in 0..T {
                         let xv = _mm512_loadu_si512(t.xq[k].as_ptr().add(off).cast());
@@ -243,6 +247,7 @@ mod x86 {
             while g < t.blocks {
                 let nb = (t.blocks - g).min(16);
                 let dw_lo = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(g).cast()));
+                prefetch(ws, 2 * g + PREFETCH_BYTES / 16);
                 let dw_hi = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(g + 8).cast()));
                 let mut c = [[0f32; 16]; T];
                 for k in 0..T {
@@ -255,6 +260,9 @@ mod x86 {
                 }
                 for i in 0..nb {
                     let off = (g + i) * 32;
+                    if i % 2 == 0 {
+                        prefetch(w, off + PREFETCH_BYTES);
+                    }
                     let wv = _mm256_xor_si256(_mm256_loadu_si256(w.add(off).cast()), flip);
                     let aw = _mm256_abs_epi8(wv);
                     for k in 0..T {

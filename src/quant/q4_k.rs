@@ -550,6 +550,17 @@ impl UnitFormat for Q4KMatrix {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn prefetch(&self, r: usize, u: usize) {
+        use unit::x86::prefetch;
+        let at = (r * self.units + u) * 64 + unit::PREFETCH_BYTES;
+        prefetch(self.qs.as_ptr(), at);
+        prefetch(self.qs.as_ptr(), at + 64);
+        // 20 bytes of scales per 128 bytes of quants.
+        prefetch(self.meta.as_ptr(), at / 128 * std::mem::size_of::<Meta>());
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn unit_avx2(&self, r: usize, u: usize) -> unit::x86::Unit256 {

@@ -497,6 +497,18 @@ impl UnitFormat for Q6KMatrix {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn prefetch(&self, r: usize, u: usize) {
+        use unit::x86::prefetch;
+        let at = (r * self.units + u) * 64 + unit::PREFETCH_BYTES;
+        prefetch(self.ql.as_ptr(), at);
+        prefetch(self.ql.as_ptr(), at + 64);
+        // 32 bytes of high bits per 64 of nibbles, and the scales.
+        prefetch(self.qh.as_ptr(), at / 2);
+        prefetch(self.meta.as_ptr(), at / 128 * std::mem::size_of::<Meta>());
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn unit_avx2(&self, r: usize, u: usize) -> unit::x86::Unit256 {

@@ -69,6 +69,12 @@ use crate::{Error, Result};
 
 /// Weights per unit.
 pub const UNIT: usize = 128;
+/// How far ahead (bytes of quants) the kernels prefetch the row they are
+/// reading. The hardware prefetcher alone left the kernels waiting on
+/// their loads (`perf annotate`: most samples on the instructions right
+/// after the weight loads); asking 4 KiB ahead measured 66–70 → 76–79
+/// tokens/s for Qwen2.5-0.5B-shape Q4_K decode (2 KiB: 56–79, noisier).
+pub(crate) const PREFETCH_BYTES: usize = 4096;
 /// 32-bit lanes per unit: each covers eight consecutive weights.
 pub(crate) const LANES: usize = 16;
 /// Tokens one task takes (see `q8_0.rs`).
@@ -291,6 +297,15 @@ pub(crate) trait UnitFormat: Sync {
     /// AVX-512 F/BW/VL must be available, `r < rows()`, `2p + 1 < units()`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn pair_avx512(&self, r: usize, p: usize) -> [x86::Unit512; 2];
+    /// Asks the memory system for the data that units `u` and `u + 1` of
+    /// row `r` will need [`PREFETCH_BYTES`] of quants later (their quants
+    /// and, proportionally ahead, their scales). Addresses past the end are
+    /// harmless: a prefetch never faults.
+    ///
+    /// # Safety
+    /// SSE must be available (every x86-64 has it).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn prefetch(&self, r: usize, u: usize);
     /// Unit `u` of row `r` as the AVX2 kernel reads it.
     ///
     /// # Safety
@@ -804,6 +819,7 @@ pub(crate) mod x86 {
             let mut acc = [_mm512_setzero_ps(); T];
             let mut off = [_mm512_setzero_ps(); T];
             for p in 0..units / 2 {
+                m.prefetch(r, 2 * p);
                 let w = m.pair_avx512(r, p);
                 let u = 2 * p;
                 for k in 0..T {
@@ -870,6 +886,9 @@ pub(crate) mod x86 {
             let mut acc = [_mm256_setzero_ps(); T];
             let mut off = [_mm256_setzero_ps(); T];
             for u in 0..m.units() {
+                if u % 2 == 0 {
+                    m.prefetch(r0 + i, u);
+                }
                 let w = m.unit_avx2(r0 + i, u);
                 for k in 0..T {
                     let xq = x[k].q.as_ptr().add(u * UNIT);
@@ -906,6 +925,13 @@ pub(crate) mod x86 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+
+    /// Prefetches `base + offset` into all cache levels (no bounds: a
+    /// prefetch of any address is harmless, and the pointer is never read).
+    #[inline(always)]
+    pub(crate) unsafe fn prefetch<T>(base: *const T, offset_bytes: usize) {
+        _mm_prefetch::<_MM_HINT_T0>(base.cast::<i8>().wrapping_add(offset_bytes));
     }
 
     /// A unit's 64 bytes of nibbles as its two vectors (AVX-512).
