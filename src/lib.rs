@@ -26,6 +26,8 @@ pub mod quant;
 pub mod sampling;
 pub mod server;
 pub mod stopping;
+#[cfg(test)]
+mod test_values;
 pub mod tokenizer;
 pub mod weights;
 
