@@ -84,6 +84,10 @@ pub struct Decoder {
     device: Device,
 }
 
+/// Passes of up to this many new tokens keep the pool's workers polling
+/// (see [`Decoder::forward_spinning`]).
+const SPIN_MAX_TOKENS: usize = 16;
+
 impl Decoder {
     /// Builds the model from its weights, checking every tensor's shape.
     /// With `quant`, every linear projection (the head too, but not the
@@ -420,10 +424,65 @@ impl Decoder {
         // put the caller to sleep until it finished, two context switches
         // per product.
         if rayon::current_thread_index().is_some() {
-            self.forward_in_pool(batch)
+            self.forward_spinning(batch)
         } else {
-            rayon::scope(|_| self.forward_in_pool(batch))
+            rayon::scope(|_| self.forward_spinning(batch))
         }
+    }
+
+    /// [`Self::forward_in_pool`] with the pool's other workers kept awake
+    /// for its duration. Between two parallel products the pass runs
+    /// candle's serial ops for tens of microseconds, long enough for an
+    /// idle rayon worker to fall asleep, and each of a decode step's ~65
+    /// products then began by waking it through the kernel (`perf`: a
+    /// third of the time outside the kernels was the scheduler). Each
+    /// other worker instead polls for rayon work until the pass ends,
+    /// running what it finds, and yields the core to the OS now and then.
+    /// Measured with and without, three alternations each: Llama-3.2-1B
+    /// shape q4_k tg128 median 33.5 → 35.9 t/s, Qwen2.5-0.5B shape 70.9 →
+    /// 72.7.
+    fn forward_spinning(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Tensor>> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        /// Ends the polling when the pass returns or unwinds.
+        struct Done(Arc<AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        // Prefill-sized passes are left alone: their products are long
+        // enough that waking the pool costs little, and the polling took
+        // a core from candle's element-wise pool (pp512 4% slower).
+        let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        if rayon::current_num_threads() < 2 || tokens > SPIN_MAX_TOKENS {
+            return self.forward_in_pool(batch);
+        }
+        let done = Done(Arc::new(AtomicBool::new(false)));
+        let flag = Arc::clone(&done.0);
+        let me = rayon::current_thread_index();
+        rayon::spawn_broadcast(move |ctx| {
+            if Some(ctx.index()) == me {
+                return;
+            }
+            let mut idle = 0u32;
+            while !flag.load(Ordering::Acquire) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle = 0;
+                } else {
+                    idle += 1;
+                    if idle.is_multiple_of(64) {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        });
+        let out = self.forward_in_pool(batch);
+        drop(done);
+        out
     }
 
     fn forward_in_pool(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Tensor>> {
