@@ -1,8 +1,8 @@
-//! Deterministic test inputs shared by the unit tests.
+//! Deterministic test inputs shared by the unit tests and (included by
+//! path) the benches.
 
 /// `n` values in `[-scale, scale)` from an xorshift generator seeded with
-/// `seed` (the same sequence as `benches/common`, so figures and tests
-/// describe the same data).
+/// `seed`.
 pub(crate) fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005) | 1;
     (0..n)

@@ -1,14 +1,7 @@
-//! What every bench shares.
+//! What every bench shares: the unit tests' deterministic values
+//! (xorshift, in `[-scale, scale)`), so benches and tests describe the same
+//! data and runs compare.
 
-/// Deterministic values in [-scale, scale) (xorshift), so runs compare.
-pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+#[path = "../../src/test_values.rs"]
+mod test_values;
+pub(crate) use test_values::values;
