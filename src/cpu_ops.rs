@@ -35,8 +35,9 @@ fn use_avx512() -> bool {
     })
 }
 
-/// The values of a contiguous f32 CPU tensor, or `None` when it is not one.
-fn f32_values(t: &Tensor) -> Option<Vec<f32>> {
+/// Runs `f` on the values of a contiguous f32 CPU tensor, borrowed in
+/// place; `None` when it is not one (the caller then takes candle's path).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous() {
         return None;
     }
@@ -46,14 +47,14 @@ fn f32_values(t: &Tensor) -> Option<Vec<f32>> {
     };
     let start = layout.start_offset();
     let all = cpu.as_slice::<f32>().ok()?;
-    all.get(start..start + t.elem_count()).map(<[f32]>::to_vec)
+    all.get(start..start + t.elem_count()).map(f)
 }
 
 /// Softmax over the last dimension (f32 on the CPU here; anything else
 /// through candle).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dim = x.dims().last().copied().unwrap_or(0);
-    let Some(mut v) = f32_values(x).filter(|_| dim > 0) else {
+    let Some(mut v) = with_f32(x, <[f32]>::to_vec).filter(|_| dim > 0) else {
         return Ok(candle_nn::ops::softmax_last_dim(x)?);
     };
     let avx512 = use_avx512();
@@ -67,19 +68,25 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `silu(gate) · up` element by element (f32 on the CPU here; anything
-/// else through candle).
+/// else through candle). The result is written over a copy of `gate`;
+/// `up` is read where it is.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.shape() != up.shape() {
-        return Ok((candle_nn::ops::silu(gate)? * up)?);
+    let product = (gate.shape() == up.shape())
+        .then(|| with_f32(gate, <[f32]>::to_vec))
+        .flatten()
+        .and_then(|mut g| {
+            let avx512 = use_avx512();
+            with_f32(up, |u| {
+                g.par_chunks_mut(BLOCK)
+                    .zip(u.par_chunks(BLOCK))
+                    .for_each(|(g, u)| silu_mul_block(g, u, avx512));
+            })?;
+            Some(g)
+        });
+    match product {
+        Some(g) => Ok(Tensor::from_vec(g, gate.shape(), &Device::Cpu)?),
+        None => Ok((candle_nn::ops::silu(gate)? * up)?),
     }
-    let (Some(mut g), Some(u)) = (f32_values(gate), f32_values(up)) else {
-        return Ok((candle_nn::ops::silu(gate)? * up)?);
-    };
-    let avx512 = use_avx512();
-    g.par_chunks_mut(BLOCK)
-        .zip(u.par_chunks(BLOCK))
-        .for_each(|(g, u)| silu_mul_block(g, u, avx512));
-    Ok(Tensor::from_vec(g, gate.shape(), &Device::Cpu)?)
 }
 
 fn softmax_row(row: &mut [f32], avx512: bool) {

@@ -584,6 +584,8 @@ mod x86 {
         out: *mut f32,
         os: usize,
     ) {
+        // Four rows fill one vector of sums; the tiles have at most `TILE`.
+        const { assert!(R <= 4) };
         let half = |v: __m512| {
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
             _mm256_add_ps(_mm512_castps512_ps256(v), hi)

@@ -174,6 +174,13 @@ fn check_append(cols: usize, other: usize) -> Result<()> {
     Ok(())
 }
 
+/// Appends `src` (whole rows of `per_row` elements) to `dst`, reserving
+/// room for `more_rows` further rows in the same allocation.
+fn extend_rows<T: Clone>(dst: &mut Vec<T>, src: &[T], per_row: usize, more_rows: usize) {
+    dst.reserve_exact(src.len() + more_rows * per_row);
+    dst.extend_from_slice(src);
+}
+
 /// What a quantized product on another device says.
 const CPU_ONLY: &str =
     "quantized weights (--quant) run on the CPU only for now: use --device cpu, or --quant none on a GPU";

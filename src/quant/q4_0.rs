@@ -207,10 +207,8 @@ impl Q40Matrix {
     /// `more` further rows being reserved once.
     pub(crate) fn append_rows(&mut self, other: Self, more: usize) -> Result<()> {
         super::check_append(self.cols, other.cols)?;
-        self.qs.reserve_exact((other.rows + more) * self.units);
-        self.d.reserve_exact((other.rows + more) * self.units);
-        self.qs.extend_from_slice(&other.qs);
-        self.d.extend_from_slice(&other.d);
+        super::extend_rows(&mut self.qs, &other.qs, self.units, more);
+        super::extend_rows(&mut self.d, &other.d, self.units, more);
         self.rows += other.rows;
         Ok(())
     }

@@ -415,10 +415,8 @@ impl Q4KMatrix {
     /// `more` further rows being reserved once.
     pub(crate) fn append_rows(&mut self, other: Self, more: usize) -> Result<()> {
         super::check_append(self.cols, other.cols)?;
-        self.qs.reserve_exact((other.rows + more) * self.units);
-        self.meta.reserve_exact((other.rows + more) * self.sbs);
-        self.qs.extend_from_slice(&other.qs);
-        self.meta.extend_from_slice(&other.meta);
+        super::extend_rows(&mut self.qs, &other.qs, self.units, more);
+        super::extend_rows(&mut self.meta, &other.meta, self.sbs, more);
         self.rows += other.rows;
         Ok(())
     }

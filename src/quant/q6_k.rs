@@ -366,12 +366,9 @@ impl Q6KMatrix {
     /// `more` further rows being reserved once.
     pub(crate) fn append_rows(&mut self, other: Self, more: usize) -> Result<()> {
         super::check_append(self.cols, other.cols)?;
-        self.ql.reserve_exact((other.rows + more) * self.units);
-        self.qh.reserve_exact((other.rows + more) * self.units);
-        self.meta.reserve_exact((other.rows + more) * self.sbs);
-        self.ql.extend_from_slice(&other.ql);
-        self.qh.extend_from_slice(&other.qh);
-        self.meta.extend_from_slice(&other.meta);
+        super::extend_rows(&mut self.ql, &other.ql, self.units, more);
+        super::extend_rows(&mut self.qh, &other.qh, self.units, more);
+        super::extend_rows(&mut self.meta, &other.meta, self.sbs, more);
         self.rows += other.rows;
         Ok(())
     }

@@ -299,12 +299,8 @@ impl Q8Matrix {
     /// `more` further rows being reserved once.
     pub(crate) fn append_rows(&mut self, other: Self, more: usize) -> Result<()> {
         super::check_append(self.geo.cols, other.geo.cols)?;
-        self.quants
-            .reserve_exact((other.rows + more) * self.geo.qstride / 64);
-        self.scales
-            .reserve_exact((other.rows + more) * self.geo.sstride);
-        self.quants.extend_from_slice(&other.quants);
-        self.scales.extend_from_slice(&other.scales);
+        super::extend_rows(&mut self.quants, &other.quants, self.geo.qstride / 64, more);
+        super::extend_rows(&mut self.scales, &other.scales, self.geo.sstride, more);
         self.rows += other.rows;
         Ok(())
     }

@@ -59,11 +59,11 @@
 //! to 64 tokens) on rayon's global pool, tiles of up to four tokens per pass
 //! over a chunk's weights, and several matrices with one input as one pass.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::kernels::Kernel;
-use std::mem::MaybeUninit;
-
 use super::q8_0::{chunk_rows, lines, written_outputs, Line, SyncPtr, TOKEN_TILE};
 use crate::{Error, Result};
 
