@@ -1028,10 +1028,12 @@ fn concurrent_requests_under_a_tight_kv_budget_match_sequential_ones() {
             .collect()
     });
     assert_eq!(together, alone);
-    assert!(
-        s.metric("taper_kv_blocks_used") == 0.0,
-        "every block is free again"
-    );
+    // A sequence's last event goes out during the step that finishes it and
+    // its blocks are freed at the end of that step, so a client can read
+    // the gauge in between.
+    s.eventually("every block free again", |s| {
+        s.metric("taper_kv_blocks_used") == 0.0
+    });
 }
 
 #[test]
