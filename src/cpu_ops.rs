@@ -89,6 +89,11 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Softmax of one row in place (AVX-512 when the CPU has it).
+pub(crate) fn softmax_slice(row: &mut [f32]) {
+    softmax_row(row, use_avx512())
+}
+
 fn softmax_row(row: &mut [f32], avx512: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx512 {

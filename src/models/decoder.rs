@@ -16,6 +16,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{LayerAttention, ModelConfig};
+use crate::cpu_attention::{self, Visibility};
 use crate::kv_cache::SeqKvCache;
 use crate::models::layers::{
     apply_rope, compute_dtype, grouped_attention, soft_cap, Embedding, Linear, Mlp, RmsNorm,
@@ -87,6 +88,11 @@ pub struct Decoder {
 /// Passes of up to this many new tokens keep the pool's workers polling
 /// (see [`Decoder::forward_spinning`]).
 const SPIN_MAX_TOKENS: usize = 16;
+
+/// Sequences with at most this many new tokens in a pass attend through
+/// `cpu_attention` (on the CPU, in f32); longer ones (prefills) through
+/// candle's batched matmuls, whose blocking pays off there.
+const FUSED_ATTENTION_MAX_TOKENS: usize = 16;
 
 impl Decoder {
     /// Builds the model from its weights, checking every tensor's shape.
@@ -627,25 +633,46 @@ impl Decoder {
             let v_new = v.narrow(0, offset, n)?.transpose(0, 1)?;
             let (k_all, v_all) = seq.cache.append(layer_idx, &k_new, &v_new)?;
             let kv_len = start_pos + n;
-            // Queries grouped by the KV head they share: [kv, groups * n, hd],
-            // so grouped-query attention needs no copies of K and V.
-            let q_s = q
-                .narrow(0, offset, n)?
-                .reshape((n, nkv, groups, hd))?
-                .permute((1, 2, 0, 3))?
-                .reshape((nkv, groups * n, hd))?;
-            let mask = self.mask(start_pos, n, kv_len, a.kind)?;
-            let o = grouped_attention(
-                &q_s,
-                &k_all,
-                &v_all,
-                mask.as_ref(),
-                c.attn_scale,
-                c.attn_logit_softcap,
-            )?
-            .reshape((nkv, groups, n, hd))?
-            .permute((2, 0, 1, 3))?
-            .reshape((n, nh * hd))?;
+            let q_seq = q.narrow(0, offset, n)?;
+            // A few queries (decode steps): one pass straight over the
+            // cache on the CPU (see `cpu_attention`).
+            let fused = if n <= FUSED_ATTENTION_MAX_TOKENS {
+                let seen = Visibility {
+                    start_pos,
+                    window: match a.kind {
+                        LayerAttention::Full => None,
+                        LayerAttention::Sliding { window } => Some(window),
+                    },
+                };
+                let softcap = c.attn_logit_softcap.map(|c| c as f32);
+                cpu_attention::attend(&q_seq, &k_all, &v_all, seen, c.attn_scale as f32, softcap)?
+            } else {
+                None
+            };
+            let o = match fused {
+                Some(o) => o,
+                None => {
+                    // Queries grouped by the KV head they share:
+                    // [kv, groups * n, hd], so grouped-query attention needs
+                    // no copies of K and V.
+                    let q_s = q_seq
+                        .reshape((n, nkv, groups, hd))?
+                        .permute((1, 2, 0, 3))?
+                        .reshape((nkv, groups * n, hd))?;
+                    let mask = self.mask(start_pos, n, kv_len, a.kind)?;
+                    grouped_attention(
+                        &q_s,
+                        &k_all,
+                        &v_all,
+                        mask.as_ref(),
+                        c.attn_scale,
+                        c.attn_logit_softcap,
+                    )?
+                    .reshape((nkv, groups, n, hd))?
+                    .permute((2, 0, 1, 3))?
+                    .reshape((n, nh * hd))?
+                }
+            };
             outputs.push(o);
             offset += n;
         }

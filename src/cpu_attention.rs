@@ -1,0 +1,456 @@
+//! Attention for a few new tokens (decode steps), computed straight over a
+//! sequence's KV cache on the CPU.
+//!
+//! The general path (`models::layers::grouped_attention`) is a chain of
+//! candle ops: two batched matmuls, a scale, a mask, a softmax, and copies
+//! to make the cache views and the regrouped queries contiguous. For a
+//! prefill those are large products that candle's GEMM does well; for a
+//! decode step each op is a few microseconds of work behind its own
+//! allocation and dispatch, and the copy of V (`contiguous` on a view of
+//! the cache) reads the whole history once more. Here one pass per (token,
+//! KV head) reads each cached key and value once for all the query heads
+//! that share it, with the causal mask and sliding window as index bounds
+//! rather than an added `-inf` tensor.
+//!
+//! Scores are computed and normalised in f32 exactly as the general path
+//! does, in a different summation order (differences of a few ulp).
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// A 3-D f32 CPU tensor whose last dimension is contiguous, borrowed in
+/// place: element `(a, b, c)` is `data[offset + a·s0 + b·s1 + c]`.
+#[derive(Clone, Copy)]
+struct View3<'a> {
+    data: &'a [f32],
+    offset: usize,
+    dims: (usize, usize, usize),
+    s0: usize,
+    s1: usize,
+}
+
+impl View3<'_> {
+    /// Row `(a, b)`: the `dims.2` values of the last dimension.
+    #[inline]
+    fn row(&self, a: usize, b: usize) -> &[f32] {
+        let at = self.offset + a * self.s0 + b * self.s1;
+        &self.data[at..at + self.dims.2]
+    }
+}
+
+/// Runs `f` on `t` viewed in place when it is a 3-D f32 CPU tensor whose
+/// last dimension is contiguous and all of whose elements lie in its
+/// storage; `None` otherwise.
+fn with_view3<R>(t: &Tensor, f: impl FnOnce(View3<'_>) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let dims = t.dims3().ok()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let data = cpu.as_slice::<f32>().ok()?;
+    let stride = layout.stride();
+    if stride.len() != 3 || (stride[2] != 1 && dims.2 > 1) {
+        return None;
+    }
+    let view = View3 {
+        data,
+        offset: layout.start_offset(),
+        dims,
+        s0: stride[0],
+        s1: stride[1],
+    };
+    // The last element must be inside the storage (every index is then
+    // checked once more by slicing, but a bad layout is refused here).
+    if dims.0 > 0 && dims.1 > 0 {
+        let last = view.offset + (dims.0 - 1) * view.s0 + (dims.1 - 1) * view.s1 + dims.2;
+        if last > data.len() {
+            return None;
+        }
+    }
+    Some(f(view))
+}
+
+/// Which keys each query sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Visibility {
+    /// Position of the first new query (the cache held this many before).
+    pub start_pos: usize,
+    /// Sliding-window layers see only the last `window` positions.
+    pub window: Option<usize>,
+}
+
+impl Visibility {
+    /// The keys query `i` sees: `j ≤ start_pos + i`, and `j + window >
+    /// start_pos + i` on sliding layers (the general path's mask).
+    fn keys(&self, i: usize, kv_len: usize) -> std::ops::Range<usize> {
+        let pos = self.start_pos + i;
+        let hi = (pos + 1).min(kv_len);
+        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        lo.min(hi)..hi
+    }
+}
+
+/// Scaled dot-product attention of `q` (`[n, heads, head_dim]`) over the
+/// cached `k` and `v` (`[kv_heads, kv_len, head_dim]`, views of the cache
+/// are fine), query head `h` reading KV head `h / (heads / kv_heads)`.
+/// Returns `[n, heads · head_dim]`, or `None` when the tensors are not f32
+/// CPU tensors laid out as that reads them (the caller then takes the
+/// general path).
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seen: Visibility,
+    scale: f32,
+    softcap: Option<f32>,
+) -> Result<Option<Tensor>> {
+    let out = with_view3(q, |q| {
+        with_view3(k, |k| {
+            with_view3(v, |v| attend_views(q, k, v, seen, scale, softcap))
+        })
+    });
+    match out.flatten().flatten() {
+        None => Ok(None),
+        Some(Err(e)) => Err(e),
+        Some(Ok((values, n, width))) => {
+            Ok(Some(Tensor::from_vec(values, (n, width), &Device::Cpu)?))
+        }
+    }
+}
+
+fn attend_views(
+    q: View3<'_>,
+    k: View3<'_>,
+    v: View3<'_>,
+    seen: Visibility,
+    scale: f32,
+    softcap: Option<f32>,
+) -> Result<(Vec<f32>, usize, usize)> {
+    let (n, heads, hd) = q.dims;
+    let (kv_heads, kv_len, khd) = k.dims;
+    if v.dims != k.dims || khd != hd || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::InvalidRequest(format!(
+            "attention over q {:?}, k {:?}, v {:?}",
+            q.dims, k.dims, v.dims
+        )));
+    }
+    if seen.start_pos + n > kv_len {
+        return Err(Error::InvalidRequest(format!(
+            "{n} queries from position {} but {kv_len} cached positions",
+            seen.start_pos
+        )));
+    }
+    let groups = heads / kv_heads;
+    let mut out = vec![0f32; n * heads * hd];
+    if out.is_empty() {
+        return Ok((out, n, heads * hd));
+    }
+    let simd = Simd::best();
+    // Task `i · kv_heads + g` writes token `i`'s `groups` heads of KV head
+    // `g`: a contiguous block of the `[n, heads, hd]` output.
+    let task = |(t, block): (usize, &mut [f32])| {
+        let (i, g) = (t / kv_heads, t % kv_heads);
+        let keys = seen.keys(i, kv_len);
+        let qs: Vec<&[f32]> = (0..groups).map(|h| q.row(i, g * groups + h)).collect();
+        simd.group(&qs, k, v, g, keys, scale, softcap, block);
+    };
+    // Below ~16 K multiply-adds a task costs more to hand out than to run.
+    if n * kv_heads > 1 && n * kv_len * heads * hd >= 1 << 14 {
+        out.par_chunks_mut(groups * hd).enumerate().for_each(task);
+    } else {
+        out.chunks_mut(groups * hd).enumerate().for_each(task);
+    }
+    Ok((out, n, heads * hd))
+}
+
+/// The instruction set the loops are compiled for, chosen at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Simd {
+    fn best() -> Simd {
+        static BEST: OnceLock<Simd> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    return Simd::Avx512;
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    return Simd::Avx2;
+                }
+            }
+            Simd::Portable
+        })
+    }
+
+    /// [`group`] compiled for this instruction set.
+    #[allow(clippy::too_many_arguments)]
+    fn group(
+        self,
+        qs: &[&[f32]],
+        k: View3<'_>,
+        v: View3<'_>,
+        g: usize,
+        keys: std::ops::Range<usize>,
+        scale: f32,
+        softcap: Option<f32>,
+        out: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512(
+                qs: &[&[f32]],
+                k: View3<'_>,
+                v: View3<'_>,
+                g: usize,
+                keys: std::ops::Range<usize>,
+                scale: f32,
+                softcap: Option<f32>,
+                out: &mut [f32],
+            ) {
+                group(qs, k, v, g, keys, scale, softcap, out)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2(
+                qs: &[&[f32]],
+                k: View3<'_>,
+                v: View3<'_>,
+                g: usize,
+                keys: std::ops::Range<usize>,
+                scale: f32,
+                softcap: Option<f32>,
+                out: &mut [f32],
+            ) {
+                group(qs, k, v, g, keys, scale, softcap, out)
+            }
+            match self {
+                // SAFETY: `best` returns `Avx512` only when the CPU has
+                // AVX-512F.
+                Simd::Avx512 => return unsafe { avx512(qs, k, v, g, keys, scale, softcap, out) },
+                // SAFETY: `best` returns `Avx2` only when the CPU has AVX2
+                // and FMA.
+                Simd::Avx2 => return unsafe { avx2(qs, k, v, g, keys, scale, softcap, out) },
+                Simd::Portable => {}
+            }
+        }
+        group(qs, k, v, g, keys, scale, softcap, out)
+    }
+}
+
+/// Lanes of the partial sums in [`dot`]: one 512-bit register of f32.
+const LANES: usize = 16;
+
+/// `Σ a·b` with sixteen partial sums (which the compiler keeps in one
+/// vector register; a single running sum would serialise every add).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, ra) = a.as_chunks::<LANES>();
+    let (cb, rb) = b.as_chunks::<LANES>();
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    // Pairwise, as a vector reduction would.
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + tail
+}
+
+/// One token's query heads `qs` (all reading KV head `g`) over `keys`:
+/// writes their outputs, one after the other, into `out`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn group(
+    qs: &[&[f32]],
+    k: View3<'_>,
+    v: View3<'_>,
+    g: usize,
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+    out: &mut [f32],
+) {
+    let hd = k.dims.2;
+    let len = keys.len();
+    if len == 0 {
+        // Nothing visible: the general path's softmax over all `-inf` gives
+        // NaN; a zero output is what a masked-out row contributes.
+        out.fill(0.0);
+        return;
+    }
+    // Scores, query-major: each key is read once for every query head.
+    let mut scores = vec![0f32; qs.len() * len];
+    for (jj, j) in keys.clone().enumerate() {
+        let kj = k.row(g, j);
+        for (h, qh) in qs.iter().enumerate() {
+            scores[h * len + jj] = dot(qh, kj) * scale;
+        }
+    }
+    if let Some(cap) = softcap {
+        for s in scores.iter_mut() {
+            *s = (*s / cap).tanh() * cap;
+        }
+    }
+    for row in scores.chunks_exact_mut(len) {
+        crate::cpu_ops::softmax_slice(row);
+    }
+    out.fill(0.0);
+    for (jj, j) in keys.enumerate() {
+        let vj = v.row(g, j);
+        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+            let p = scores[h * len + jj];
+            for (o, &x) in o.iter_mut().zip(vj) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::layers::grouped_attention;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect()
+    }
+
+    /// The general path on the same inputs: queries regrouped per KV head,
+    /// an additive mask, then back to `[n, heads · hd]`.
+    fn reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seen: Visibility,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Result<Tensor> {
+        let (n, heads, hd) = q.dims3()?;
+        let (kv_heads, kv_len, _) = k.dims3()?;
+        let groups = heads / kv_heads;
+        let mut m = vec![0f32; n * kv_len];
+        for i in 0..n {
+            let keys = seen.keys(i, kv_len);
+            for j in 0..kv_len {
+                if !keys.contains(&j) {
+                    m[i * kv_len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (n, kv_len), &Device::Cpu)?;
+        let q_s = q
+            .reshape((n, kv_heads, groups, hd))?
+            .permute((1, 2, 0, 3))?
+            .reshape((kv_heads, groups * n, hd))?;
+        Ok(grouped_attention(
+            &q_s,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            Some(&mask),
+            scale,
+            softcap,
+        )?
+        .reshape((kv_heads, groups, n, hd))?
+        .permute((2, 0, 1, 3))?
+        .reshape((n, heads * hd))?)
+    }
+
+    #[test]
+    fn matches_the_general_path_on_cache_views() -> Result<()> {
+        let dev = Device::Cpu;
+        // (n, heads, kv_heads, head_dim, start_pos, window, softcap)
+        let cases = [
+            (1, 4, 2, 64, 0, None, None),
+            (1, 14, 2, 64, 37, None, None),
+            (3, 8, 8, 16, 20, None, None),
+            (5, 6, 2, 40, 9, Some(6), None),
+            (2, 4, 1, 256, 100, Some(32), Some(50.0)),
+            (16, 32, 8, 64, 200, None, None),
+        ];
+        for (case, &(n, heads, kv_heads, hd, start, window, softcap)) in cases.iter().enumerate() {
+            let kv_len = start + n;
+            let capacity = kv_len + 7; // the cache's spare room
+            let q = Tensor::from_vec(values(n * heads * hd, case), (n, heads, hd), &dev)?;
+            let kb = Tensor::from_vec(
+                values(kv_heads * capacity * hd, case + 10),
+                (kv_heads, capacity, hd),
+                &dev,
+            )?;
+            let vb = Tensor::from_vec(
+                values(kv_heads * capacity * hd, case + 20),
+                (kv_heads, capacity, hd),
+                &dev,
+            )?;
+            let (k, v) = (kb.narrow(1, 0, kv_len)?, vb.narrow(1, 0, kv_len)?);
+            let seen = Visibility {
+                start_pos: start,
+                window,
+            };
+            let scale = 1.0 / (hd as f64).sqrt();
+            let got = attend(&q, &k, &v, seen, scale as f32, softcap.map(|c| c as f32))?
+                .expect("f32 CPU views are taken");
+            let want = reference(&q, &k, &v, seen, scale, softcap)?;
+            let (got, want) = (got.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+            for (gr, wr) in got.iter().zip(&want) {
+                for (a, b) in gr.iter().zip(wr) {
+                    assert!(
+                        (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
+                        "case {case}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn other_dtypes_and_bad_shapes_are_refused() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 4, 8), DType::F32, &dev)?;
+        let k = Tensor::zeros((2, 3, 8), DType::F32, &dev)?;
+        let seen = Visibility {
+            start_pos: 2,
+            window: None,
+        };
+        assert!(attend(&q.to_dtype(DType::BF16)?, &k, &k, seen, 1.0, None)?.is_none());
+        // Three heads cannot share two KV heads.
+        let q3 = Tensor::zeros((1, 3, 8), DType::F32, &dev)?;
+        assert!(attend(&q3, &k, &k, seen, 1.0, None).is_err());
+        // A query past the cache.
+        let late = Visibility {
+            start_pos: 3,
+            window: None,
+        };
+        assert!(attend(&q, &k, &k, late, 1.0, None).is_err());
+        Ok(())
+    }
+}
