@@ -89,6 +89,11 @@ pub struct Decoder {
 /// (see [`Decoder::forward_spinning`]).
 const SPIN_MAX_TOKENS: usize = 16;
 
+/// A polling worker stops after this long without finding work (see
+/// [`Decoder::forward_spinning`]). The gaps between a decode step's
+/// products are tens of microseconds, which this leaves covered.
+const SPIN_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Sequences with at most this many new tokens in a pass attend through
 /// `cpu_attention` (on the CPU, in f32); longer ones (prefills) through
 /// candle's batched matmuls, whose blocking pays off there.
@@ -472,17 +477,32 @@ impl Decoder {
             if Some(ctx.index()) == me {
                 return;
             }
+            // The poll also gives up after `SPIN_IDLE_LIMIT` without finding
+            // work. A worker can start this job nested inside another one:
+            // one it stole from the pass and is waiting in (for a piece of
+            // it that the pass's thread took back). The pass then waits for
+            // that job, which cannot finish until this poll returns, so a
+            // poll that waited for the pass alone would never end (seen:
+            // `taper bench` hung in the Qwen2.5-0.5B-shape Q8_0 decode).
+            // With no work coming, the poll returns and the pass goes on.
             let mut idle = 0u32;
+            let mut idle_since = std::time::Instant::now();
             while !flag.load(Ordering::Acquire) {
                 if rayon::yield_now() == Some(rayon::Yield::Executed) {
                     idle = 0;
-                } else {
-                    idle += 1;
-                    if idle.is_multiple_of(64) {
-                        std::thread::yield_now();
-                    } else {
-                        std::hint::spin_loop();
+                    continue;
+                }
+                if idle == 0 {
+                    idle_since = std::time::Instant::now();
+                }
+                idle += 1;
+                if idle.is_multiple_of(64) {
+                    if idle_since.elapsed() > SPIN_IDLE_LIMIT {
+                        return;
                     }
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
                 }
             }
         });
