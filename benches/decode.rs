@@ -1,13 +1,15 @@
 //! The non-matmul parts of a decode step at Qwen2.5-0.5B's shapes: one
 //! layer's attention for one new token over caches of several depths
-//! (`models::layers::grouped_attention`, what `Decoder` runs per sequence
-//! and layer), and picking the next token from 151,936 logits
+//! (`cpu_attention::attend`, what `Decoder` runs per sequence and layer
+//! for decode steps, and `models::layers::grouped_attention`, its general
+//! path), and picking the next token from 151,936 logits
 //! (`sampling::Sampler`) greedy and with the usual truncations.
 //!
 //! `cargo bench --bench decode`; set `RAYON_NUM_THREADS` to pin threads.
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
+use taper::cpu_attention::{attend, Visibility};
 use taper::models::layers::grouped_attention;
 use taper::sampling::{Sampler, SamplingParams};
 
@@ -26,8 +28,18 @@ fn attention(c: &mut Criterion) {
             Tensor::from_vec(values(kv * depth * hd, 2, 1.0), (kv, depth, hd), &dev).expect("k");
         let v =
             Tensor::from_vec(values(kv * depth * hd, 3, 1.0), (kv, depth, hd), &dev).expect("v");
-        group.bench_function(format!("kv_len={depth}"), |b| {
+        group.bench_function(format!("general kv_len={depth}"), |b| {
             b.iter(|| grouped_attention(&q, &k, &v, None, 0.125, None).expect("attention"))
+        });
+        // The decoder's path for decode steps: the same query as
+        // `[1, heads, hd]` over the cache.
+        let q1 = q.reshape((1, kv * groups, hd)).expect("q");
+        let seen = Visibility {
+            start_pos: depth - 1,
+            window: None,
+        };
+        group.bench_function(format!("fused kv_len={depth}"), |b| {
+            b.iter(|| attend(&q1, &k, &v, seen, 0.125, None).expect("attention"))
         });
     }
     group.finish();

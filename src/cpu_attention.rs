@@ -159,7 +159,8 @@ fn attend_views(
         let (i, g) = (t / kv_heads, t % kv_heads);
         let keys = seen.keys(i, kv_len);
         let qs: Vec<&[f32]> = (0..groups).map(|h| q.row(i, g * groups + h)).collect();
-        simd.group(&qs, k, v, g, keys, scale, softcap, block);
+        let kv = KvHead { k, v, g, keys };
+        group(simd, &qs, &kv, scale, softcap, block);
     };
     // Below ~16 K multiply-adds a task costs more to hand out than to run.
     if n * kv_heads > 1 && n * kv_len * heads * hd >= 1 << 14 {
@@ -170,10 +171,51 @@ fn attend_views(
     Ok((out, n, heads * hd))
 }
 
-/// The instruction set the loops are compiled for, chosen at run time.
+/// The keys and values one task reads: KV head `g`, positions `keys`.
+struct KvHead<'a> {
+    k: View3<'a>,
+    v: View3<'a>,
+    g: usize,
+    keys: std::ops::Range<usize>,
+}
+
+/// One token's query heads `qs` (all reading the same KV head): writes
+/// their outputs, one after the other, into `out`.
+fn group(
+    simd: Simd,
+    qs: &[&[f32]],
+    kv: &KvHead<'_>,
+    scale: f32,
+    softcap: Option<f32>,
+    out: &mut [f32],
+) {
+    let len = kv.keys.len();
+    out.fill(0.0);
+    if len == 0 {
+        // Nothing visible: the general path's softmax over all `-inf` gives
+        // NaN; a zero output is what a masked-out row contributes.
+        return;
+    }
+    // Scores, query-major: each key is read once for every query head.
+    let mut scores = vec![0f32; qs.len() * len];
+    simd.scores(qs, kv, scale, &mut scores);
+    if let Some(cap) = softcap {
+        for s in scores.iter_mut() {
+            *s = (*s / cap).tanh() * cap;
+        }
+    }
+    for row in scores.chunks_exact_mut(len) {
+        crate::cpu_ops::softmax_slice(row);
+    }
+    simd.values(&scores, kv, out);
+}
+
+/// The instruction set the loops run with, chosen at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Simd {
+    /// AVX-512F intrinsics (for head sizes that are a multiple of 16).
     Avx512,
+    /// The portable loops compiled with AVX2 and FMA.
     Avx2,
     Portable,
 }
@@ -195,68 +237,43 @@ impl Simd {
         })
     }
 
-    /// [`group`] compiled for this instruction set.
-    #[allow(clippy::too_many_arguments)]
-    fn group(
-        self,
-        qs: &[&[f32]],
-        k: View3<'_>,
-        v: View3<'_>,
-        g: usize,
-        keys: std::ops::Range<usize>,
-        scale: f32,
-        softcap: Option<f32>,
-        out: &mut [f32],
-    ) {
+    /// `scores[h · len + jj] = scale · (qs[h] · k_j)` for the `jj`-th key.
+    fn scores(self, qs: &[&[f32]], kv: &KvHead<'_>, scale: f32, scores: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512(
-                qs: &[&[f32]],
-                k: View3<'_>,
-                v: View3<'_>,
-                g: usize,
-                keys: std::ops::Range<usize>,
-                scale: f32,
-                softcap: Option<f32>,
-                out: &mut [f32],
-            ) {
-                group(qs, k, v, g, keys, scale, softcap, out)
+        match self {
+            // SAFETY: `best` returns `Avx512` only when the CPU has AVX-512F.
+            Simd::Avx512 if kv.k.dims.2 % 16 == 0 => {
+                return unsafe { x86::scores(qs, kv, scale, scores) }
             }
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2(
-                qs: &[&[f32]],
-                k: View3<'_>,
-                v: View3<'_>,
-                g: usize,
-                keys: std::ops::Range<usize>,
-                scale: f32,
-                softcap: Option<f32>,
-                out: &mut [f32],
-            ) {
-                group(qs, k, v, g, keys, scale, softcap, out)
-            }
-            match self {
-                // SAFETY: `best` returns `Avx512` only when the CPU has
-                // AVX-512F.
-                Simd::Avx512 => return unsafe { avx512(qs, k, v, g, keys, scale, softcap, out) },
-                // SAFETY: `best` returns `Avx2` only when the CPU has AVX2
-                // and FMA.
-                Simd::Avx2 => return unsafe { avx2(qs, k, v, g, keys, scale, softcap, out) },
-                Simd::Portable => {}
-            }
+            // SAFETY: `best` returns these only when the CPU has the
+            // features.
+            Simd::Avx512 | Simd::Avx2 => return unsafe { x86::scores_avx2(qs, kv, scale, scores) },
+            Simd::Portable => {}
         }
-        group(qs, k, v, g, keys, scale, softcap, out)
+        scores_portable(qs, kv, scale, scores)
+    }
+
+    /// `out[h] = Σ_jj scores[h · len + jj] · v_j`, onto a zeroed `out`.
+    fn values(self, scores: &[f32], kv: &KvHead<'_>, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        match self {
+            // SAFETY: as in `scores`.
+            Simd::Avx512 if kv.v.dims.2 % 16 == 0 => {
+                return unsafe { x86::values(scores, kv, out) }
+            }
+            // SAFETY: as in `scores`.
+            Simd::Avx512 | Simd::Avx2 => return unsafe { x86::values_avx2(scores, kv, out) },
+            Simd::Portable => {}
+        }
+        values_portable(scores, kv, out)
     }
 }
 
-/// Lanes of the partial sums in [`dot`]: one 512-bit register of f32.
+/// Lanes of the partial sums in [`dot`].
 const LANES: usize = 16;
 
-/// `Σ a·b` with sixteen partial sums (which the compiler keeps in one
-/// vector register; a single running sum would serialise every add).
+/// `Σ a·b` with sixteen partial sums (a single running sum would
+/// serialise every add).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -271,64 +288,113 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ra.iter().zip(rb) {
         tail += x * y;
     }
-    // Pairwise, as a vector reduction would.
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-    }
-    acc[0] + tail
+    acc.iter().sum::<f32>() + tail
 }
 
-/// One token's query heads `qs` (all reading KV head `g`) over `keys`:
-/// writes their outputs, one after the other, into `out`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn group(
-    qs: &[&[f32]],
-    k: View3<'_>,
-    v: View3<'_>,
-    g: usize,
-    keys: std::ops::Range<usize>,
-    scale: f32,
-    softcap: Option<f32>,
-    out: &mut [f32],
-) {
-    let hd = k.dims.2;
-    let len = keys.len();
-    if len == 0 {
-        // Nothing visible: the general path's softmax over all `-inf` gives
-        // NaN; a zero output is what a masked-out row contributes.
-        out.fill(0.0);
-        return;
-    }
-    // Scores, query-major: each key is read once for every query head.
-    let mut scores = vec![0f32; qs.len() * len];
-    for (jj, j) in keys.clone().enumerate() {
-        let kj = k.row(g, j);
+fn scores_portable(qs: &[&[f32]], kv: &KvHead<'_>, scale: f32, scores: &mut [f32]) {
+    let len = kv.keys.len();
+    for (jj, j) in kv.keys.clone().enumerate() {
+        let kj = kv.k.row(kv.g, j);
         for (h, qh) in qs.iter().enumerate() {
             scores[h * len + jj] = dot(qh, kj) * scale;
         }
     }
-    if let Some(cap) = softcap {
-        for s in scores.iter_mut() {
-            *s = (*s / cap).tanh() * cap;
-        }
-    }
-    for row in scores.chunks_exact_mut(len) {
-        crate::cpu_ops::softmax_slice(row);
-    }
-    out.fill(0.0);
-    for (jj, j) in keys.enumerate() {
-        let vj = v.row(g, j);
+}
+
+#[inline(always)]
+fn values_portable(scores: &[f32], kv: &KvHead<'_>, out: &mut [f32]) {
+    let (len, hd) = (kv.keys.len(), kv.v.dims.2);
+    for (jj, j) in kv.keys.clone().enumerate() {
+        let vj = kv.v.row(kv.g, j);
         for (h, o) in out.chunks_exact_mut(hd).enumerate() {
             let p = scores[h * len + jj];
             for (o, &x) in o.iter_mut().zip(vj) {
                 *o += p * x;
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::KvHead;
+
+    /// [`super::scores_portable`] with AVX-512: a key's vectors are loaded
+    /// once for all the query heads, each dot product is `hd / 16` FMAs and
+    /// one reduction.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and the head size a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores(qs: &[&[f32]], kv: &KvHead<'_>, scale: f32, scores: &mut [f32]) {
+        let (len, hd) = (kv.keys.len(), kv.k.dims.2);
+        for (jj, j) in kv.keys.clone().enumerate() {
+            let kj = kv.k.row(kv.g, j);
+            for (h, qh) in qs.iter().enumerate() {
+                let (qp, kp) = (qh.as_ptr(), kj.as_ptr());
+                let mut acc = _mm512_setzero_ps();
+                for c in (0..hd).step_by(16) {
+                    // SAFETY: `c + 16 ≤ hd`, the length of both rows.
+                    let (a, b) =
+                        unsafe { (_mm512_loadu_ps(qp.add(c)), _mm512_loadu_ps(kp.add(c))) };
+                    acc = _mm512_fmadd_ps(a, b, acc);
+                }
+                scores[h * len + jj] = _mm512_reduce_add_ps(acc) * scale;
+            }
+        }
+    }
+
+    /// [`super::values_portable`] with AVX-512.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and the head size a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn values(scores: &[f32], kv: &KvHead<'_>, out: &mut [f32]) {
+        let (len, hd) = (kv.keys.len(), kv.v.dims.2);
+        for (jj, j) in kv.keys.clone().enumerate() {
+            let vp = kv.v.row(kv.g, j).as_ptr();
+            for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+                let p = _mm512_set1_ps(scores[h * len + jj]);
+                let op = o.as_mut_ptr();
+                for c in (0..hd).step_by(16) {
+                    // SAFETY: `c + 16 ≤ hd`, the length of `o` and of the row.
+                    unsafe {
+                        let acc = _mm512_fmadd_ps(
+                            p,
+                            _mm512_loadu_ps(vp.add(c)),
+                            _mm512_loadu_ps(op.add(c)),
+                        );
+                        _mm512_storeu_ps(op.add(c), acc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The portable loops compiled with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores_avx2(
+        qs: &[&[f32]],
+        kv: &KvHead<'_>,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        super::scores_portable(qs, kv, scale, scores)
+    }
+
+    /// The portable loops compiled with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn values_avx2(scores: &[f32], kv: &KvHead<'_>, out: &mut [f32]) {
+        super::values_portable(scores, kv, out)
     }
 }
 
