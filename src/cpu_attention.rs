@@ -242,7 +242,7 @@ impl Simd {
         #[cfg(target_arch = "x86_64")]
         match self {
             // SAFETY: `best` returns `Avx512` only when the CPU has AVX-512F.
-            Simd::Avx512 if kv.k.dims.2 % 16 == 0 => {
+            Simd::Avx512 if kv.k.dims.2.is_multiple_of(16) => {
                 return unsafe { x86::scores(qs, kv, scale, scores) }
             }
             // SAFETY: `best` returns these only when the CPU has the
@@ -258,7 +258,7 @@ impl Simd {
         #[cfg(target_arch = "x86_64")]
         match self {
             // SAFETY: as in `scores`.
-            Simd::Avx512 if kv.v.dims.2 % 16 == 0 => {
+            Simd::Avx512 if kv.v.dims.2.is_multiple_of(16) => {
                 return unsafe { x86::values(scores, kv, out) }
             }
             // SAFETY: as in `scores`.
