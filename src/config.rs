@@ -115,6 +115,16 @@ pub enum LayerAttention {
     Sliding { window: usize },
 }
 
+impl LayerAttention {
+    /// The window of a sliding layer; `None` for a full one.
+    pub fn window(self) -> Option<usize> {
+        match self {
+            LayerAttention::Full => None,
+            LayerAttention::Sliding { window } => Some(window),
+        }
+    }
+}
+
 /// Everything the decoder needs, resolved from `config.json`.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {

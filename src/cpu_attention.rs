@@ -88,8 +88,9 @@ pub struct Visibility {
 
 impl Visibility {
     /// The keys query `i` sees: `j ≤ start_pos + i`, and `j + window >
-    /// start_pos + i` on sliding layers (the general path's mask).
-    fn keys(&self, i: usize, kv_len: usize) -> std::ops::Range<usize> {
+    /// start_pos + i` on sliding layers (the general path's mask is built
+    /// from this too).
+    pub fn keys(&self, i: usize, kv_len: usize) -> std::ops::Range<usize> {
         let pos = self.start_pos + i;
         let hi = (pos + 1).min(kv_len);
         let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -116,13 +117,7 @@ pub fn attend(
             with_view3(v, |v| attend_views(q, k, v, seen, scale, softcap))
         })
     });
-    match out.flatten().flatten() {
-        None => Ok(None),
-        Some(Err(e)) => Err(e),
-        Some(Ok((values, n, width))) => {
-            Ok(Some(Tensor::from_vec(values, (n, width), &Device::Cpu)?))
-        }
-    }
+    out.flatten().flatten().transpose()
 }
 
 fn attend_views(
@@ -132,7 +127,7 @@ fn attend_views(
     seen: Visibility,
     scale: f32,
     softcap: Option<f32>,
-) -> Result<(Vec<f32>, usize, usize)> {
+) -> Result<Tensor> {
     let (n, heads, hd) = q.dims;
     let (kv_heads, kv_len, khd) = k.dims;
     if v.dims != k.dims || khd != hd || kv_heads == 0 || heads % kv_heads != 0 {
@@ -150,7 +145,7 @@ fn attend_views(
     let groups = heads / kv_heads;
     let mut out = vec![0f32; n * heads * hd];
     if out.is_empty() {
-        return Ok((out, n, heads * hd));
+        return Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?);
     }
     let simd = Simd::best();
     // Task `i · kv_heads + g` writes token `i`'s `groups` heads of KV head
@@ -168,7 +163,7 @@ fn attend_views(
     } else {
         out.chunks_mut(groups * hd).enumerate().for_each(task);
     }
-    Ok((out, n, heads * hd))
+    Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)
 }
 
 /// The keys and values one task reads: KV head `g`, positions `keys`.

@@ -654,16 +654,13 @@ impl Decoder {
             let (k_all, v_all) = seq.cache.append(layer_idx, &k_new, &v_new)?;
             let kv_len = start_pos + n;
             let q_seq = q.narrow(0, offset, n)?;
+            let seen = Visibility {
+                start_pos,
+                window: a.kind.window(),
+            };
             // A few queries (decode steps): one pass straight over the
             // cache on the CPU (see `cpu_attention`).
             let fused = if n <= FUSED_ATTENTION_MAX_TOKENS {
-                let seen = Visibility {
-                    start_pos,
-                    window: match a.kind {
-                        LayerAttention::Full => None,
-                        LayerAttention::Sliding { window } => Some(window),
-                    },
-                };
                 let softcap = c.attn_logit_softcap.map(|c| c as f32);
                 cpu_attention::attend(&q_seq, &k_all, &v_all, seen, c.attn_scale as f32, softcap)?
             } else {
@@ -679,7 +676,7 @@ impl Decoder {
                         .reshape((n, nkv, groups, hd))?
                         .permute((1, 2, 0, 3))?
                         .reshape((nkv, groups * n, hd))?;
-                    let mask = self.mask(start_pos, n, kv_len, a.kind)?;
+                    let mask = self.mask(seen, n, kv_len)?;
                     grouped_attention(
                         &q_s,
                         &k_all,
@@ -706,33 +703,18 @@ impl Decoder {
         a.o.forward(&o)
     }
 
-    /// The additive mask for `n` queries starting at `start_pos` over
-    /// `kv_len` keys: causal, and limited to the window on sliding layers.
-    /// `None` when nothing is masked (a decode step inside the window).
-    fn mask(
-        &self,
-        start_pos: usize,
-        n: usize,
-        kv_len: usize,
-        kind: LayerAttention,
-    ) -> Result<Option<Tensor>> {
-        let window = match kind {
-            LayerAttention::Full => None,
-            LayerAttention::Sliding { window } => Some(window),
-        };
-        let needs_window = window.is_some_and(|w| kv_len > w);
+    /// The additive mask for `n` queries over `kv_len` keys: `-inf` where
+    /// `seen` hides a key (causal, and outside the window on sliding
+    /// layers). `None` when nothing is masked (a decode step inside the
+    /// window).
+    fn mask(&self, seen: Visibility, n: usize, kv_len: usize) -> Result<Option<Tensor>> {
+        let needs_window = seen.window.is_some_and(|w| kv_len > w);
         if n == 1 && !needs_window {
             return Ok(None);
         }
-        let mut m = vec![0f32; n * kv_len];
-        for i in 0..n {
-            let pos = start_pos + i;
-            for j in 0..kv_len {
-                let visible = j <= pos && window.is_none_or(|w| j + w > pos);
-                if !visible {
-                    m[i * kv_len + j] = f32::NEG_INFINITY;
-                }
-            }
+        let mut m = vec![f32::NEG_INFINITY; n * kv_len];
+        for (i, row) in m.chunks_exact_mut(kv_len).enumerate() {
+            row[seen.keys(i, kv_len)].fill(0.0);
         }
         Ok(Some(Tensor::from_vec(m, (n, kv_len), &self.device)?))
     }

@@ -305,10 +305,8 @@ impl UnitFormat for Q40Matrix {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn prefetch(&self, r: usize, u: usize) {
-        use unit::x86::prefetch;
-        let at = (r * self.units + u) * 64 + unit::PREFETCH_BYTES;
-        prefetch(self.qs.as_ptr(), at);
-        prefetch(self.qs.as_ptr(), at + 64);
+        use unit::x86::{prefetch, prefetch_nibbles};
+        let at = prefetch_nibbles(self.qs.as_ptr(), self.units, r, u);
         // 8 bytes of scales per 64 of quants.
         prefetch(self.d.as_ptr(), at / 8);
     }

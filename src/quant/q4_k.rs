@@ -550,10 +550,8 @@ impl UnitFormat for Q4KMatrix {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn prefetch(&self, r: usize, u: usize) {
-        use unit::x86::prefetch;
-        let at = (r * self.units + u) * 64 + unit::PREFETCH_BYTES;
-        prefetch(self.qs.as_ptr(), at);
-        prefetch(self.qs.as_ptr(), at + 64);
+        use unit::x86::{prefetch, prefetch_nibbles};
+        let at = prefetch_nibbles(self.qs.as_ptr(), self.units, r, u);
         // 20 bytes of scales per 128 bytes of quants.
         prefetch(self.meta.as_ptr(), at / 128 * std::mem::size_of::<Meta>());
     }

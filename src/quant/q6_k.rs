@@ -496,10 +496,8 @@ impl UnitFormat for Q6KMatrix {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn prefetch(&self, r: usize, u: usize) {
-        use unit::x86::prefetch;
-        let at = (r * self.units + u) * 64 + unit::PREFETCH_BYTES;
-        prefetch(self.ql.as_ptr(), at);
-        prefetch(self.ql.as_ptr(), at + 64);
+        use unit::x86::{prefetch, prefetch_nibbles};
+        let at = prefetch_nibbles(self.ql.as_ptr(), self.units, r, u);
         // 32 bytes of high bits per 64 of nibbles, and the scales.
         prefetch(self.qh.as_ptr(), at / 2);
         prefetch(self.meta.as_ptr(), at / 128 * std::mem::size_of::<Meta>());

@@ -934,6 +934,24 @@ pub(crate) mod x86 {
         _mm_prefetch::<_MM_HINT_T0>(base.cast::<i8>().wrapping_add(offset_bytes));
     }
 
+    /// Prefetches the two 64-byte lines of a unit's nibbles (`qs`, 64 bytes
+    /// a unit) that unit `u` of row `r` of a `units`-wide matrix is
+    /// followed by [`super::PREFETCH_BYTES`] later, and returns that
+    /// offset into `qs` so a format can prefetch its other arrays in
+    /// proportion.
+    #[inline(always)]
+    pub(crate) unsafe fn prefetch_nibbles<T>(
+        qs: *const T,
+        units: usize,
+        r: usize,
+        u: usize,
+    ) -> usize {
+        let at = (r * units + u) * 64 + super::PREFETCH_BYTES;
+        prefetch(qs, at);
+        prefetch(qs, at + 64);
+        at
+    }
+
     /// A unit's 64 bytes of nibbles as its two vectors (AVX-512).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
