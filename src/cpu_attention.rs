@@ -1,19 +1,26 @@
-//! Attention for a few new tokens (decode steps), computed straight over a
-//! sequence's KV cache on the CPU.
+//! Attention on the CPU, computed straight over a sequence's KV cache: for
+//! decode steps and prefills alike.
 //!
-//! The general path (`models::layers::grouped_attention`) is a chain of
-//! candle ops: two batched matmuls, a scale, a mask, a softmax, and copies
-//! to make the cache views and the regrouped queries contiguous. For a
-//! prefill those are large products that candle's GEMM does well; for a
-//! decode step each op is a few microseconds of work behind its own
-//! allocation and dispatch, and the copy of V (`contiguous` on a view of
-//! the cache) reads the whole history once more. Here one pass per (token,
-//! KV head) reads each cached key and value once for all the query heads
-//! that share it, with the causal mask and sliding window as index bounds
-//! rather than an added `-inf` tensor.
+//! One pass per (token, KV head) reads each cached key and value once for
+//! all the query heads that share it, with the causal mask and sliding
+//! window as index bounds rather than an added `-inf` tensor. A query's
+//! output is computed by the same instructions in the same order whatever
+//! else is in the pass, so it depends on the sequence alone: a prefill in
+//! one pass, in chunks, after a prefix-cache hit or beside other sequences
+//! gives the same bits (issue 11; `tests/invariance.rs`). The general path
+//! (`models::layers::grouped_attention`, candle's batched matmuls and a
+//! mask) is left for other devices and dtypes; it sums in another order, and
+//! prefills used to take it while decode steps came here, which made a
+//! prefix-cache hit change the logits.
 //!
-//! Scores are computed and normalised in f32 exactly as the general path
-//! does, in a different summation order (differences of a few ulp).
+//! For a decode step the general path's ops are each a few microseconds of
+//! work behind their own allocation and dispatch, and its copy of V
+//! (`contiguous` on a view of the cache) reads the whole history once more.
+//! For a prefill it computes the scores of every masked position too; this
+//! pass skips them (BENCHMARKS.md, "Same request, same tokens").
+//!
+//! Scores are computed and normalised in f32 as the general path does, in a
+//! different summation order (differences of a few ulp).
 
 use std::sync::OnceLock;
 
@@ -456,6 +463,9 @@ mod tests {
             (5, 6, 2, 40, 9, Some(6), None),
             (2, 4, 1, 256, 100, Some(32), Some(50.0)),
             (16, 32, 8, 64, 200, None, None),
+            // Prefill-sized passes: from the start, and after a cached part.
+            (100, 14, 2, 64, 0, None, None),
+            (70, 4, 2, 32, 30, Some(6), Some(50.0)),
         ];
         for (case, &(n, heads, kv_heads, hd, start, window, softcap)) in cases.iter().enumerate() {
             let kv_len = start + n;

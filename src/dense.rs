@@ -154,24 +154,19 @@ pub fn matmul(
     Ok(out)
 }
 
-/// Whether [`matmul_tensor`] takes a product of `tokens` rows against a
-/// weight of `dtype` on `device`, rather than candle.
+/// Whether [`matmul_tensor`] takes a product against a weight of `dtype` on
+/// `device`, rather than candle: f32 and bf16 on the CPU, for any number
+/// of tokens.
 ///
-/// bf16 always (candle has no bf16 CPU kernel). f32 only for few tokens:
-/// past them `gemm`'s blocked, threaded matrix-matrix product is the faster
-/// (`benches/dense.rs`: at 896→4864, 16 tokens took 1.1 ms here against
-/// gemm's 1.8 ms, 64 tokens 3.9 ms against 3.6 ms).
-pub fn handles(dtype: DType, device: &Device, tokens: usize) -> bool {
-    device.is_cpu()
-        && match dtype {
-            DType::BF16 => true,
-            DType::F32 => tokens <= F32_MAX_TOKENS,
-            _ => false,
-        }
+/// Every token's dot products here are summed in the same order whatever
+/// tile it lands in, so a token's outputs do not depend on the other tokens
+/// of the pass (a prefill chunk, a batch). `gemm`'s blocked products, which
+/// f32 prefills used to take past 16 tokens, sum in another order than the
+/// one-token products do, and a prefix-cache hit then changed the logits.
+/// The cost, measured: see BENCHMARKS.md ("Same request, same tokens").
+pub fn handles(dtype: DType, device: &Device) -> bool {
+    device.is_cpu() && matches!(dtype, DType::BF16 | DType::F32)
 }
-
-/// Up to this many tokens, f32 products run here rather than in `gemm`.
-pub const F32_MAX_TOKENS: usize = 16;
 
 /// `x · Wᵀ` for CPU tensors: `w` is `[out, in]` (f32 or bf16), `x` is
 /// `[..., in]` in any float dtype; the result is `[..., out]` in f32.

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod gguf;
 mod hub;
+mod invariance;
 mod parity;
 mod quant;
 mod server;

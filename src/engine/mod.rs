@@ -933,19 +933,42 @@ mod tests {
             .collect()
     }
 
+    /// A seeded request that samples (temperature, top-p, top-k): the same
+    /// seed must give the same tokens however the engine schedules it.
+    fn seeded(prompt: Vec<u32>, n: usize, seed: u64) -> Request {
+        let mut r = greedy(prompt, n);
+        r.sampling = SamplingParams {
+            temperature: 1.3,
+            top_p: 0.9,
+            top_k: Some(50),
+            seed: Some(seed),
+            ..Default::default()
+        };
+        r
+    }
+
+    /// Same tokens and bit-identical logprobs: a token's logits depend on
+    /// its sequence alone, not on batching, chunking, the prefix cache or
+    /// preemption (issue 11).
     fn assert_same(got: &Output, want: &Output, what: &str) {
         assert_eq!(got.error, None, "{what}");
         assert_eq!(got.tokens, want.tokens, "{what}: tokens");
         assert_eq!(got.logprobs.len(), want.logprobs.len(), "{what}");
-        for (a, b) in got.logprobs.iter().zip(&want.logprobs) {
-            assert!((a - b).abs() < 1e-4, "{what}: logprob {a} vs {b}");
+        for (i, (a, b)) in got.logprobs.iter().zip(&want.logprobs).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{what}: logprob {i}: {a} vs {b}");
         }
     }
 
     #[test]
     fn sixteen_concurrent_requests_give_what_each_gives_alone() {
         let p = pipeline();
-        let requests: Vec<Request> = (0..16).map(|i| greedy(prompt(i), 6 + i % 5)).collect();
+        // Every other request samples with its own seed.
+        let requests: Vec<Request> = (0..16)
+            .map(|i| match i % 2 {
+                0 => greedy(prompt(i), 6 + i % 5),
+                _ => seeded(prompt(i), 6 + i % 5, i as u64),
+            })
+            .collect();
         let want = alone(&p, &requests);
         // 64 tokens a step: the longer prompts are computed in chunks while
         // the others decode.
@@ -1024,7 +1047,7 @@ mod tests {
         }
         assert_eq!(rows.len(), whole.len());
         for (a, b) in rows.iter().flatten().zip(whole.iter().flatten()) {
-            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            assert_eq!(a.to_bits(), b.to_bits(), "{a} vs {b}");
         }
 
         // The same through the engine: echoed prompt logprobs, in chunks of
@@ -1047,7 +1070,7 @@ mod tests {
             .skip(1)
         {
             let (a, b) = (a.expect("known"), b.expect("known"));
-            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            assert_eq!(a.to_bits(), b.to_bits(), "{a} vs {b}");
         }
         Ok(())
     }
@@ -1082,6 +1105,39 @@ mod tests {
         assert_eq!(metrics.prefix_cache_queries.get(), 2);
         assert_eq!(metrics.prefix_cache_hits.get(), 1);
         assert_same(&with_cache, &alone(&p, &[second])[0], "from the cache");
+
+        // Hits of 1, 2 and 5 blocks (a prompt that shares 16, 32 or 80
+        // tokens with one served before), greedy and seeded, each against
+        // the same request in a fresh engine.
+        for blocks in [1usize, 2, 5] {
+            let mut e = Engine::new(p.clone(), limits(4, 512, true), Arc::default());
+            let shared = &system[..blocks * 16];
+            let mut earlier = shared.to_vec();
+            earlier.extend([300, 301, 302]);
+            let (sink, _) = collector();
+            e.submit(greedy(earlier, 2), sink);
+            e.run_to_completion();
+            let mut prompt = shared.to_vec();
+            prompt.extend((0..(blocks * 7) as u32).map(|t| 200 + t));
+            // The seeded request comes second and finds the greedy one's
+            // whole prompt cached: a longer hit.
+            let hits = [blocks * 16, (prompt.len() - 1) / 16 * 16];
+            for (request, hit) in [greedy(prompt.clone(), 8), seeded(prompt.clone(), 8, 3)]
+                .into_iter()
+                .zip(hits)
+            {
+                let (sink, out) = collector();
+                e.submit(request.clone(), sink);
+                e.run_to_completion();
+                let got = out.lock().expect("lock").clone();
+                assert_eq!(got.usage.expect("done").cached_tokens, hit);
+                assert_same(
+                    &got,
+                    &alone(&p, &[request])[0],
+                    &format!("{blocks} cached blocks"),
+                );
+            }
+        }
     }
 
     #[test]
@@ -1143,7 +1199,12 @@ mod tests {
     #[test]
     fn a_budget_too_small_for_everyone_waits_and_preempts_without_changing_outputs() {
         let p = pipeline();
-        let requests: Vec<Request> = (0..8).map(|i| greedy(prompt(i % 4 + 1), 40)).collect();
+        let requests: Vec<Request> = (0..8)
+            .map(|i| match i % 2 {
+                0 => greedy(prompt(i % 4 + 1), 40),
+                _ => seeded(prompt(i % 4 + 1), 40, 100 + i as u64),
+            })
+            .collect();
         let want = alone(&p, &requests);
         // 12 blocks (192 positions); each request needs 4 to 6 alone (16 to
         // 55 prompt tokens, 40 new), so at most a few fit at once and

@@ -94,11 +94,6 @@ const SPIN_MAX_TOKENS: usize = 16;
 /// products are tens of microseconds, which this leaves covered.
 const SPIN_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// Sequences with at most this many new tokens in a pass attend through
-/// `cpu_attention` (on the CPU, in f32); longer ones (prefills) through
-/// candle's batched matmuls, whose blocking pays off there.
-const FUSED_ATTENTION_MAX_TOKENS: usize = 16;
-
 impl Decoder {
     /// Builds the model from its weights, checking every tensor's shape.
     /// With `quant`, every linear projection (the head too, but not the
@@ -658,14 +653,16 @@ impl Decoder {
                 start_pos,
                 window: a.kind.window(),
             };
-            // A few queries (decode steps): one pass straight over the
-            // cache on the CPU (see `cpu_attention`).
-            let fused = if n <= FUSED_ATTENTION_MAX_TOKENS {
-                let softcap = c.attn_logit_softcap.map(|c| c as f32);
-                cpu_attention::attend(&q_seq, &k_all, &v_all, seen, c.attn_scale as f32, softcap)?
-            } else {
-                None
-            };
+            // On the CPU every query, whether of a decode step or of a
+            // prefill's chunk, attends in one pass straight over the cache
+            // (see `cpu_attention`): a query's output then depends on the
+            // sequence alone, not on how many other tokens share its pass,
+            // so a prefix-cache hit, a chunked prefill or a recompute gives
+            // the bits a one-pass prefill gives. Other devices and dtypes
+            // take the general path.
+            let softcap = c.attn_logit_softcap.map(|c| c as f32);
+            let fused =
+                cpu_attention::attend(&q_seq, &k_all, &v_all, seen, c.attn_scale as f32, softcap)?;
             let o = match fused {
                 Some(o) => o,
                 None => {

@@ -175,8 +175,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => {
-                let tokens = x.elem_count() / x.dim(D::Minus1)?.max(1);
-                if dense::handles(w.dtype(), w.device(), tokens) {
+                if dense::handles(w.dtype(), w.device()) {
                     dense::matmul_tensor(w, x)?.to_dtype(x.dtype())?
                 } else {
                     x.matmul(&w.t()?)?
