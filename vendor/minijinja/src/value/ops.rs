@@ -491,7 +491,20 @@ fn seq_concat_len(lhs: &Value, rhs: &Value) -> Option<usize> {
     lhs.len()?.checked_add(rhs.len()?)
 }
 
+/// taper: the most items a concatenation materializes.  Chains deeper than
+/// `MergeSeq::MAX_DEPTH` are copied here without a `State`, so without fuel:
+/// 33 doublings of `[1]` asked for 2^33 items and aborted the process.
+pub(crate) const MAX_MATERIALIZED_ITEMS: usize = 1 << 20;
+
 fn materialize_seq_concat(lhs: &Value, rhs: &Value, len: usize) -> Result<Value, Error> {
+    if len > MAX_MATERIALIZED_ITEMS {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "concatenating sequences of {len} items (the limit is {MAX_MATERIALIZED_ITEMS})"
+            ),
+        ));
+    }
     let mut rv = Vec::with_capacity(untrusted_size_hint(len));
     for item in ok!(lhs.try_iter())
         .checked()
@@ -901,6 +914,19 @@ pub(crate) fn binop_alloc_estimate(op: &str, lhs: &Value, rhs: &Value) -> u64 {
             _ if lhs.is_tuple() && rhs.is_tuple() => (lhs.len().unwrap_or(0) as u64)
                 .saturating_add(rhs.len().unwrap_or(0) as u64)
                 .saturating_mul(SLOT_COST),
+            // taper: lazy concatenation allocates nothing now, but whatever
+            // iterates the result later pays per item, and a chain deeper
+            // than `MergeSeq::MAX_DEPTH` is copied at once; refusing a
+            // result larger than the remaining fuel keeps `l = l + l`
+            // from doubling past what the render may spend.
+            _ if op == "add"
+                && matches!(lhs.kind(), ValueKind::Seq | ValueKind::Iterable)
+                && matches!(rhs.kind(), ValueKind::Seq | ValueKind::Iterable) =>
+            {
+                (lhs.len().unwrap_or(0) as u64)
+                    .saturating_add(rhs.len().unwrap_or(0) as u64)
+                    .saturating_mul(SLOT_COST)
+            }
             _ => 0,
         },
         _ => 0,
