@@ -31,10 +31,12 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use error::AppError;
-pub use state::{AppState, Defaults, Ready, ServerConfig};
+pub use middleware::loopback_hosts;
+pub use state::{AppState, Defaults, Ready, ServerConfig, StopSignal};
 
-/// Every route, with the API key check on `/v1/*`, the body limit, CORS
-/// when configured, and responses counted by status.
+/// Every route, with foreign origins and hosts refused, the API key check on
+/// `/v1/*`, the body limit, CORS when configured, and responses counted by
+/// status.
 pub fn router(state: AppState) -> Router {
     let config = state.config();
     let v1 = Router::new()
@@ -55,7 +57,13 @@ pub fn router(state: AppState) -> Router {
     if let Some(cors) = middleware::cors(&config.cors_allow_origins) {
         app = app.layer(cors);
     }
+    // Outside CORS, so a foreign origin's preflight is refused too; inside
+    // the counting, so refusals show in /metrics.
     app.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        middleware::refuse_foreign,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
         state.clone(),
         middleware::count_requests,
     ))
