@@ -38,9 +38,10 @@ use crate::error::{Error, Result};
 /// walked by a filter another half). Since everything a render allocates is
 /// paid for, this is also its memory bound: at most 64 MiB of data (128 MiB
 /// with `Vec`'s doubling), where 20M units let one `replace` chain peak at
-/// 2.1 GiB. Measured with Qwen3's template: 219 units for three short
-/// messages, 276k for 1,000 messages of 4 kB (4 MB of prompt, beyond any
-/// context window), so real prompts stay far below it.
+/// 2.1 GiB. The five real templates of `tests/chat_template.rs` render
+/// 1,000 messages of 4 kB (4 MB of prompt, beyond any context window)
+/// within it, Qwen3's in about a quarter of it; the costliest, Llama 3.1's,
+/// runs out at about 12 MB.
 pub const RENDER_FUEL: u64 = 1_000_000;
 
 /// The longest prompt a render may produce, and the longest value our own
