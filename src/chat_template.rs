@@ -1243,13 +1243,23 @@ mod tests {
             other => panic!("expected a render error, got {other:?}"),
         }
         let t = template("{{ '{:>5}|{}'.format('ab', 'c') }}");
-        assert_eq!(t.render(&user("hi"), &RenderOptions::default()).ok().as_deref(), Some("   ab|c"));
+        assert_eq!(
+            t.render(&user("hi"), &RenderOptions::default())
+                .ok()
+                .as_deref(),
+            Some("   ab|c")
+        );
     }
 
     #[test]
     fn str_join_joins_strings_and_names_a_wrong_item() {
         let t = template("{{ ', '.join(['a', 'b']) }}|{{ ''.join([]) }}");
-        assert_eq!(t.render(&user("hi"), &RenderOptions::default()).ok().as_deref(), Some("a, b|"));
+        assert_eq!(
+            t.render(&user("hi"), &RenderOptions::default())
+                .ok()
+                .as_deref(),
+            Some("a, b|")
+        );
         let t = template("{{ ', '.join(['a', 1]) }}");
         match t.render(&user("hi"), &RenderOptions::default()) {
             Err(Error::ChatTemplateRender { message, .. }) => {
@@ -1559,4 +1569,3 @@ mod tests {
         ));
     }
 }
-

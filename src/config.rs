@@ -349,7 +349,10 @@ impl ModelConfig {
         // RMSNorm divides by sqrt(mean(x²) + eps): eps <= 0 gives NaN on a
         // zero row and inf where the mean underflows.
         positive("rms_norm_eps", self.rms_norm_eps).map_err(err)?;
-        for (name, rope) in [("rope_theta", Some(&self.rope)), ("rope_local_base_freq", self.rope_local.as_ref())] {
+        for (name, rope) in [
+            ("rope_theta", Some(&self.rope)),
+            ("rope_local_base_freq", self.rope_local.as_ref()),
+        ] {
             let Some(rope) = rope else { continue };
             // The inverse frequencies are theta^(-2i/d): theta 0 gives inf.
             positive(name, rope.theta).map_err(err)?;
@@ -388,7 +391,11 @@ impl ModelConfig {
                 }
             }
         }
-        positive("the attention scale (query_pre_attn_scalar)", self.attn_scale).map_err(err)?;
+        positive(
+            "the attention scale (query_pre_attn_scalar)",
+            self.attn_scale,
+        )
+        .map_err(err)?;
         for (name, cap) in [
             ("attn_logit_softcapping", self.attn_logit_softcap),
             ("final_logit_softcapping", self.final_logit_softcap),
@@ -423,7 +430,9 @@ fn positive(name: &str, value: f64) -> std::result::Result<(), String> {
     if value.is_finite() && value > 0.0 {
         Ok(())
     } else {
-        Err(format!("{name} must be a positive finite number, found {value}"))
+        Err(format!(
+            "{name} must be a positive finite number, found {value}"
+        ))
     }
 }
 
@@ -848,12 +857,28 @@ mod tests {
     #[test]
     fn values_a_model_cannot_compute_with_are_named() {
         let cases = [
-            ("rms_norm_eps", json!(-1), "rms_norm_eps must be a positive finite number, found -1"),
+            (
+                "rms_norm_eps",
+                json!(-1),
+                "rms_norm_eps must be a positive finite number, found -1",
+            ),
             ("rms_norm_eps", json!(0), "rms_norm_eps"),
-            ("rope_theta", json!(0), "rope_theta must be a positive finite number, found 0"),
+            (
+                "rope_theta",
+                json!(0),
+                "rope_theta must be a positive finite number, found 0",
+            ),
             ("rope_theta", json!(-10000.0), "rope_theta"),
-            ("max_position_embeddings", json!(0), "max_position_embeddings must be in [1, 16777216], found 0"),
-            ("max_position_embeddings", json!(1_000_000_000_000_000u64), "max_position_embeddings"),
+            (
+                "max_position_embeddings",
+                json!(0),
+                "max_position_embeddings must be in [1, 16777216], found 0",
+            ),
+            (
+                "max_position_embeddings",
+                json!(1_000_000_000_000_000u64),
+                "max_position_embeddings",
+            ),
             ("vocab_size", json!(0), "vocab_size must be at least 1"),
             ("intermediate_size", json!(0), "intermediate_size"),
         ];

@@ -907,7 +907,10 @@ mod tests {
             let err = ModelRequest::parse(&link.to_string_lossy(), None, None).err();
             let text = err.as_ref().map(ToString::to_string).unwrap_or_default();
             assert!(matches!(err, Some(Error::NotAFile { .. })), "{err:?}");
-            assert!(text.contains("a character device; a symlink to /dev/null"), "{text}");
+            assert!(
+                text.contains("a character device; a symlink to /dev/null"),
+                "{text}"
+            );
             let dangling = dir.path().join("dangling.gguf");
             std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling)
                 .map_err(|e| Error::io(&dangling, e))?;

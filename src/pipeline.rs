@@ -124,7 +124,11 @@ impl Pipeline {
     /// ("logit of token 0 is NaN"). Costs one forward pass of four tokens.
     pub fn check_computes(&self) -> Result<()> {
         let vocab = self.model.config().vocab_size;
-        let bos = self.model.config().bos_token_id.filter(|&b| (b as usize) < vocab);
+        let bos = self
+            .model
+            .config()
+            .bos_token_id
+            .filter(|&b| (b as usize) < vocab);
         let mut tokens: Vec<u32> = bos.into_iter().collect();
         tokens.extend((0..vocab.min(4) as u32).filter(|&t| Some(t) != bos));
         tokens.truncate(4);
@@ -136,12 +140,11 @@ impl Pipeline {
             logits: Logits::All,
         }])?;
         let Some(logits) = logits.first() else {
-            return Err(Error::DoesNotCompute("the forward pass returned no logits".into()));
+            return Err(Error::DoesNotCompute(
+                "the forward pass returned no logits".into(),
+            ));
         };
-        let values: Vec<f32> = logits
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let values: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::DoesNotCompute(format!(
                 "on the test tokens {tokens:?}, the logit of token {} at position {} is {}; check the weights and the config values (rms_norm_eps, rope_theta, ...)",

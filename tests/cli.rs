@@ -285,7 +285,11 @@ fn config_values_a_model_cannot_compute_with_are_named() {
     // Each loaded and then failed every request (NaN logits), or was blamed
     // on --kv-cache-mem, or sized the KV budget from 10^15 positions.
     let cases = [
-        ("rms_norm_eps", serde_json::json!(-1), "rms_norm_eps must be a positive finite number, found -1"),
+        (
+            "rms_norm_eps",
+            serde_json::json!(-1),
+            "rms_norm_eps must be a positive finite number, found -1",
+        ),
         (
             "rope_parameters",
             serde_json::json!({"rope_theta": 0, "rope_type": "default"}),
@@ -305,7 +309,10 @@ fn config_values_a_model_cannot_compute_with_are_named() {
     for (field, value, want) in cases {
         let dir = with_config("qwen2", field, value.clone());
         let err = generate_fails(dir.path());
-        assert!(err.contains(want) && err.contains("config.json"), "{field}={value}: {err}");
+        assert!(
+            err.contains(want) && err.contains("config.json"),
+            "{field}={value}: {err}"
+        );
     }
 }
 
@@ -313,8 +320,8 @@ fn config_values_a_model_cannot_compute_with_are_named() {
 fn a_model_whose_logits_are_nan_fails_at_load() {
     let dir = damaged("qwen2", |d| {
         let path = d.join("model.safetensors");
-        let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
-            .expect("weights load");
+        let mut tensors =
+            candle_core::safetensors::load(&path, &candle_core::Device::Cpu).expect("weights load");
         let t = &tensors["model.norm.weight"];
         let nan = candle_core::Tensor::full(f32::NAN, t.shape(), t.device())
             .and_then(|n| n.to_dtype(t.dtype()))

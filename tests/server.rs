@@ -1328,7 +1328,11 @@ fn cross_site_requests_are_refused() {
     assert_eq!(status, 403, "{reply}");
     assert!(reply.contains("forbidden_origin"), "{reply}");
     // A foreign Host on a loopback server (DNS rebinding): 403.
-    for foreign in ["evil.example", &format!("evil.example:{}", s.port), "10.0.0.1"] {
+    for foreign in [
+        "evil.example",
+        &format!("evil.example:{}", s.port),
+        "10.0.0.1",
+    ] {
         let (status, reply) = raw_request(
             s.port,
             "/v1/chat/completions",
@@ -1346,12 +1350,17 @@ fn cross_site_requests_are_refused() {
         (format!("localhost:{}", s.port), ""),
         ("localhost".to_owned(), ""),
         (format!("[::1]:{}", s.port), ""),
-        (format!("127.0.0.1:{}", s.port), "Origin: https://ok.example\r\n"),
+        (
+            format!("127.0.0.1:{}", s.port),
+            "Origin: https://ok.example\r\n",
+        ),
     ] {
         let (status, reply) = raw_request(
             s.port,
             "/v1/chat/completions",
-            &format!("Host: {host_name}\r\nContent-Type: application/json; charset=utf-8\r\n{origin}"),
+            &format!(
+                "Host: {host_name}\r\nContent-Type: application/json; charset=utf-8\r\n{origin}"
+            ),
             &body,
         );
         assert_eq!(status, 200, "{host_name} {origin:?}: {reply}");
@@ -1380,7 +1389,14 @@ fn hostile_chat_templates_fail_alone_under_a_memory_ceiling() {
     let template = template.to_string_lossy().into_owned();
     let mut s = Server::launch(
         &fixture("qwen2"),
-        &["--served-model-name", NAME, "--chat-template", &template, "--threads", "2"],
+        &[
+            "--served-model-name",
+            NAME,
+            "--chat-template",
+            &template,
+            "--threads",
+            "2",
+        ],
         // Fewer threads and malloc arenas: each reserves address space.
         &[("TOKIO_WORKER_THREADS", "2"), ("MALLOC_ARENA_MAX", "2")],
         Some(1536 << 20),
@@ -1388,7 +1404,10 @@ fn hostile_chat_templates_fail_alone_under_a_memory_ceiling() {
     let attacks = ["concat", "replace", "replace_filter", "format", "sum"];
     let attack = |name: &str| {
         let start = Instant::now();
-        let (status, reply) = s.post("/v1/chat/completions", &chat(name, json!({"max_tokens": 1})));
+        let (status, reply) = s.post(
+            "/v1/chat/completions",
+            &chat(name, json!({"max_tokens": 1})),
+        );
         (name.to_owned(), status, reply, start.elapsed())
     };
     // Three at once, as the probe did, then each of them.
@@ -1397,20 +1416,29 @@ fn hostile_chat_templates_fail_alone_under_a_memory_ceiling() {
             .iter()
             .map(|a| scope.spawn(move || attack(a)))
             .collect();
-        handles.into_iter().map(|h| h.join().expect("client")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
     });
     results.extend(attacks.iter().map(|a| attack(a)));
     for (name, status, reply, took) in results {
         let e = error_of(status, &reply, 400);
         assert_eq!(e["param"], "messages", "{name}: {reply}");
         assert!(
-            e["message"].as_str().unwrap_or("").contains("chat template"),
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("chat template"),
             "{name}: {reply}"
         );
         assert!(took < Duration::from_secs(30), "{name} took {took:?}");
     }
     assert!(s.alive(), "the server died:\n{}", s.stderr());
-    let reply = s.ok("/v1/chat/completions", &chat("Hi", json!({"max_tokens": 2})));
+    let reply = s.ok(
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 2})),
+    );
     assert_eq!(reply["choices"][0]["finish_reason"], "length");
 }
 
@@ -1446,7 +1474,10 @@ fn unknown_roles_and_missing_content_are_400() {
         let e = error_of(status, &reply, 400);
         assert_eq!(e["param"], param, "{messages}: {reply}");
         let got = e["message"].as_str().unwrap_or("");
-        assert!(got.contains(message), "{messages}: {got:?} lacks {message:?}");
+        assert!(
+            got.contains(message),
+            "{messages}: {got:?} lacks {message:?}"
+        );
     }
     // An assistant turn without content (it called tools) is fine.
     let body = json!({"model": NAME, "max_tokens": 1, "messages": [
@@ -1472,10 +1503,16 @@ fn requests_that_can_never_fit_are_400_not_429() {
     assert!(got.contains("<= 4") && got.contains("--max-batch"), "{got}");
     let (status, reply) = s.post(
         "/v1/completions",
-        &completion(json!(["a", "b", "c", "d", "e", "f"]), json!({"max_tokens": 1})),
+        &completion(
+            json!(["a", "b", "c", "d", "e", "f"]),
+            json!({"max_tokens": 1}),
+        ),
     );
     let e = error_of(status, &reply, 400);
-    assert!(e["message"].as_str().unwrap_or("").contains("6 prompts"), "{reply}");
+    assert!(
+        e["message"].as_str().unwrap_or("").contains("6 prompts"),
+        "{reply}"
+    );
     // What fits an idle server is served.
     let reply = s.ok(
         "/v1/completions",
@@ -1498,7 +1535,8 @@ fn a_prompt_beyond_the_kv_budget_is_context_length_exceeded() {
     // bytes each); a longer prompt was a 500 while /v1/models said 512.
     let s = Server::start(&["--kv-cache-mem", "96KiB"]);
     assert!(
-        s.stderr().contains("warning: the KV cache holds 128 positions"),
+        s.stderr()
+            .contains("warning: the KV cache holds 128 positions"),
         "{}",
         s.stderr()
     );
@@ -1512,7 +1550,10 @@ fn a_prompt_beyond_the_kv_budget_is_context_length_exceeded() {
         let e = error_of(status, &reply, 400);
         assert_eq!(e["code"], "context_length_exceeded", "{reply}");
         let got = e["message"].as_str().unwrap_or("");
-        assert!(got.contains("128 positions") && got.contains("--kv-cache-mem"), "{got}");
+        assert!(
+            got.contains("128 positions") && got.contains("--kv-cache-mem"),
+            "{got}"
+        );
     }
     let fits: Vec<u32> = (0..120).map(|i| 100 + (i % 50)).collect();
     let reply = s.ok(
@@ -1605,5 +1646,8 @@ fn the_served_model_id_is_the_folders_name() {
     );
     let e = error_of(status, &reply, 404);
     let message = e["message"].as_str().unwrap_or("");
-    assert!(!message.contains(&*dir.path().to_string_lossy()), "{message}");
+    assert!(
+        !message.contains(&*dir.path().to_string_lossy()),
+        "{message}"
+    );
 }

@@ -251,16 +251,28 @@ mod tests {
 
     #[test]
     fn models_are_named_by_their_repo_folder_or_file() {
-        assert_eq!(default_model_name("Qwen/Qwen2.5-0.5B-Instruct"), "Qwen/Qwen2.5-0.5B-Instruct");
+        assert_eq!(
+            default_model_name("Qwen/Qwen2.5-0.5B-Instruct"),
+            "Qwen/Qwen2.5-0.5B-Instruct"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         let model = dir.path().join("my-model");
         std::fs::create_dir(&model).expect("mkdir");
         std::fs::write(model.join("m.Q8_0.gguf"), b"").expect("write");
         assert_eq!(default_model_name(&model.display().to_string()), "my-model");
-        assert_eq!(default_model_name(&format!("{}/", model.display())), "my-model");
-        assert_eq!(default_model_name(&format!("{}/.", model.display())), "my-model");
+        assert_eq!(
+            default_model_name(&format!("{}/", model.display())),
+            "my-model"
+        );
+        assert_eq!(
+            default_model_name(&format!("{}/.", model.display())),
+            "my-model"
+        );
         let file = model.join("m.Q8_0.gguf");
-        assert_eq!(default_model_name(&file.display().to_string()), "m.Q8_0.gguf");
+        assert_eq!(
+            default_model_name(&file.display().to_string()),
+            "m.Q8_0.gguf"
+        );
     }
 
     #[test]

@@ -47,7 +47,11 @@ pub async fn handler(
             choices,
             finished: 0,
         };
-        return Ok(sse::respond(generation::merge(receivers), chunker, state.stop_signal()));
+        return Ok(sse::respond(
+            generation::merge(receivers),
+            chunker,
+            state.stop_signal(),
+        ));
     }
     let outputs = generation::collect_all(receivers, state.stop_signal()).await?;
     let completion_tokens = outputs.iter().map(|o| o.usage.completion_tokens).sum();

@@ -177,7 +177,14 @@ pub fn completion(
 
 /// The roles of OpenAI's chat API. Templates skip roles they do not know
 /// without a word, so another role would vanish from the prompt.
-pub const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+pub const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 fn to_message(i: usize, m: WireMessage) -> Result<Message, AppError> {
     if m.role.trim().is_empty() {

@@ -174,7 +174,11 @@ impl Common {
             // Every choice is a request in the engine; a 429 would send the
             // client retrying something that cannot fit even when idle.
             let asked = if prompts.len() > 1 {
-                format!("{} prompts x `n` {} = {choices} choices", prompts.len(), self.n)
+                format!(
+                    "{} prompts x `n` {} = {choices} choices",
+                    prompts.len(),
+                    self.n
+                )
             } else {
                 format!("`n` is {choices}")
             };
