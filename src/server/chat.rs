@@ -30,7 +30,7 @@ pub async fn handler(
     let meta = Meta::new("chatcmpl", &served);
     let mut valid = {
         let ready = ready.clone();
-        super::off_runtime(move || validate::chat(req, &ready, &served)).await?
+        super::off_runtime(&state, move || validate::chat(req, &ready, &served)).await?
     };
     let receivers = generation::submit_all(&ready.engine, std::mem::take(&mut valid.requests))?;
     let choices = receivers.len();

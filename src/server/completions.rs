@@ -28,7 +28,7 @@ pub async fn handler(
     let meta = Meta::new("cmpl", &served);
     let mut valid = {
         let ready = ready.clone();
-        super::off_runtime(move || validate::completion(req, &ready, &served)).await?
+        super::off_runtime(&state, move || validate::completion(req, &ready, &served)).await?
     };
     let receivers = generation::submit_all(&ready.engine, std::mem::take(&mut valid.requests))?;
     let choices = receivers.len();

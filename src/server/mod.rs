@@ -70,14 +70,27 @@ pub fn router(state: AppState) -> Router {
     .with_state(state)
 }
 
-/// Runs CPU work (templates, tokenization) off the async runtime. A panic
-/// there is a 500 for this request; the server keeps serving.
-async fn off_runtime<T, F>(f: F) -> Result<T, AppError>
+/// Runs CPU work (templates, tokenization) off the async runtime, at most
+/// [`AppState::validation_permits`] at once: the work is CPU-bound, and
+/// each template render may hold its whole budget of memory (tens of MiB
+/// under a hostile template), so the blocking pool's 512 threads must not
+/// all render at once. A panic there is a 500 for this request; the
+/// server keeps serving.
+async fn off_runtime<T, F>(state: &AppState, f: F) -> Result<T, AppError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, AppError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
+    let permit = state
+        .validation_permits()
+        .clone()
+        .acquire_owned()
         .await
-        .map_err(|e| AppError::internal(format!("a request task failed: {e}")))?
+        .map_err(|e| AppError::internal(format!("a request task failed: {e}")))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|e| AppError::internal(format!("a request task failed: {e}")))?
 }

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
@@ -126,6 +126,16 @@ struct Inner {
     /// flight end at once, each in a way its client can tell apart from a
     /// network fault.
     stop: watch::Sender<bool>,
+    /// Requests validated (templated, tokenized) at once.
+    validation_permits: Arc<Semaphore>,
+}
+
+/// Requests validated at once: the CPUs, at least 2 and at most 8 (each
+/// may hold a template render's memory).
+fn validation_slots() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .clamp(2, 8)
 }
 
 /// Fires when the server gives up on the requests in flight: its shutdown
@@ -162,7 +172,14 @@ impl AppState {
             metrics,
             ready: OnceLock::new(),
             stop: watch::channel(false).0,
+            validation_permits: Arc::new(Semaphore::new(validation_slots())),
         }))
+    }
+
+    /// What request validation takes a permit from (one per request being
+    /// templated and tokenized).
+    pub fn validation_permits(&self) -> &Arc<Semaphore> {
+        &self.0.validation_permits
     }
 
     /// Ends every request in flight (see [`StopSignal`]).
