@@ -14,7 +14,14 @@
 //!
 //! Templates come from the Hub and are untrusted: there is no loader (no
 //! `include`/`import` of files), and every render runs on a fuel budget so an
-//! endless loop fails with an error instead of hanging a server thread.
+//! endless loop fails with an error instead of hanging a server thread. Fuel
+//! also pays for the data a render creates, so it bounds memory too: the
+//! budget is sized for that ([`RENDER_FUEL`]), the output is capped
+//! ([`MAX_OUTPUT_BYTES`]), our own serializers (`tojson`, printing a list,
+//! `str.join`) charge for every item they walk, and the vendored minijinja
+//! refuses sequence concatenations the fuel cannot pay for
+//! (`vendor/README.md`). A hostile template fails its render with an error;
+//! the process keeps its memory (issue 12).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,12 +33,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Budget of one render, in minijinja fuel (about one unit per instruction and
-/// one per 64 bytes of data created). Measured with Qwen3's template: 219
-/// units for three short messages, 276k for 1,000 messages of 4 kB (4 MB of
-/// prompt, beyond any context window), so real prompts use under 2% of it;
-/// an endless loop runs it out in under a second.
-pub const RENDER_FUEL: u64 = 20_000_000;
+/// Budget of one render, in minijinja fuel: one unit per instruction, and one
+/// per 64 bytes of strings created (a list slot costs half a unit, an item
+/// walked by a filter another half). Since everything a render allocates is
+/// paid for, this is also its memory bound: at most 64 MiB of data (128 MiB
+/// with `Vec`'s doubling), where 20M units let one `replace` chain peak at
+/// 2.1 GiB. The five real templates of `tests/chat_template.rs` render
+/// 1,000 messages of 4 kB (4 MB of prompt, beyond any context window)
+/// within it, Qwen3's in about a quarter of it; the costliest, Llama 3.1's,
+/// runs out at about 12 MB.
+pub const RENDER_FUEL: u64 = 1_000_000;
+
+/// The longest prompt a render may produce, and the longest value our own
+/// serializers (`tojson`, printing a list, `str.join`) build: 16 MiB is
+/// millions of tokens, beyond any context window.
+pub const MAX_OUTPUT_BYTES: usize = 16 << 20;
 
 /// The named special tokens transformers passes to every template
 /// (`SPECIAL_TOKENS_ATTRIBUTES` in `tokenization_utils_base.py`).
@@ -233,9 +249,20 @@ impl ChatTemplate {
             .env
             .get_template(name)
             .map_err(|e| template_error(&self.origin, e))?;
-        template
-            .render(Value::from(ctx))
-            .map_err(|e| template_error(&self.origin, e))
+        let mut out = BoundedWriter::default();
+        match template.render_captured_to(Value::from(ctx), &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|_| Error::ChatTemplateRender {
+                origin: self.origin.clone(),
+                line: None,
+                message: "the output is not valid UTF-8".into(),
+            }),
+            Err(_) if out.overflowed => Err(Error::ChatTemplateRender {
+                origin: self.origin.clone(),
+                line: None,
+                message: format!("the output is longer than {MAX_OUTPUT_BYTES} bytes"),
+            }),
+            Err(e) => Err(template_error(&self.origin, e)),
+        }
     }
 
     fn build(
@@ -264,6 +291,29 @@ impl ChatTemplate {
             special_tokens,
             origin,
         })
+    }
+}
+
+/// The render's output, refused past [`MAX_OUTPUT_BYTES`] (minijinja stops at
+/// the first failed write).
+#[derive(Default)]
+struct BoundedWriter {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_OUTPUT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the template's output is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -344,10 +394,85 @@ fn python_methods(
     method: &str,
     args: &[Value],
 ) -> std::result::Result<Value, minijinja::Error> {
+    // pycompat's `str.join` charges for the separator only, so `"".join(x)`
+    // over a lazy `[1] * 10**9` built a gigabyte for free; ours pays per item.
+    if method == "join" && value.kind() == ValueKind::String {
+        let (items,): (&Value,) = minijinja::value::from_args(args)?;
+        return str_join(state, value.as_str().unwrap_or_default(), items);
+    }
+    // pycompat's `str.format` pads to any width it is given, before any
+    // fuel is charged: `"{:>999999999}".format(1)` allocated a gigabyte.
+    // Every width and precision is a literal number in the format string,
+    // so their sum bounds the padding: pay for it first, as minijinja's
+    // own `format` filter does.
+    if method == "format" && value.kind() == ValueKind::String {
+        let padding = format_padding(value.as_str().unwrap_or_default());
+        if padding > MAX_OUTPUT_BYTES {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("str.format: widths of {padding} characters exceed {MAX_OUTPUT_BYTES}"),
+            ));
+        }
+        state.consume_fuel((padding / 64) as u64)?;
+    }
     match minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args) {
         Err(e) if e.kind() == ErrorKind::UnknownMethod => extra_methods(value, method, args),
         other => other,
     }
+}
+
+/// The sum of the numbers in a `str.format` string: at least every width
+/// and precision it asks for (field indices add a little).
+fn format_padding(format: &str) -> usize {
+    format
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|run| !run.is_empty())
+        .map(|run| run.parse::<usize>().unwrap_or(usize::MAX))
+        .fold(0usize, usize::saturating_add)
+}
+
+/// Python's `sep.join(items)`, metered like our serializers.
+fn str_join(
+    state: &State,
+    sep: &str,
+    items: &Value,
+) -> std::result::Result<Value, minijinja::Error> {
+    let mut out = String::new();
+    for (i, item) in items.try_iter()?.enumerate() {
+        charge_item(state, &out)?;
+        if i > 0 {
+            out.push_str(sep);
+        }
+        match item.as_str() {
+            Some(s) => out.push_str(s),
+            None => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!(
+                        "str.join: sequence item {i}: expected str instance, {} found",
+                        item.kind()
+                    ),
+                ))
+            }
+        }
+    }
+    charge_item(state, &out)?;
+    Ok(Value::from(out))
+}
+
+/// Pays for one item our own code walks (a lazy sequence of 10^9 items costs
+/// minijinja nothing until it is walked) and refuses a result that has
+/// grown past [`MAX_OUTPUT_BYTES`]. One fuel unit an item, twice what
+/// minijinja's filters charge, since our items are also formatted.
+fn charge_item(state: &State, built: &str) -> std::result::Result<(), minijinja::Error> {
+    state.consume_fuel(1)?;
+    if built.len() > MAX_OUTPUT_BYTES {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("a value grew past {MAX_OUTPUT_BYTES} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 fn extra_methods(
@@ -466,7 +591,7 @@ fn python_formatter(
         }
         _ => {
             let mut s = String::new();
-            py_repr(&mut s, value, 0)?;
+            py_repr(state, &mut s, value, 0)?;
             out.write_str(&s).map_err(minijinja::Error::from)
         }
     }
@@ -485,6 +610,7 @@ fn too_deep() -> minijinja::Error {
 
 /// Python `repr()` of a value.
 fn py_repr(
+    state: &State,
     out: &mut String,
     value: &Value,
     depth: usize,
@@ -492,6 +618,7 @@ fn py_repr(
     if depth > MAX_DEPTH {
         return Err(too_deep());
     }
+    charge_item(state, out)?;
     match value.kind() {
         ValueKind::None => out.push_str("None"),
         ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
@@ -503,7 +630,7 @@ fn py_repr(
                 if i > 0 {
                     out.push_str(", ");
                 }
-                py_repr(out, &item, depth + 1)?;
+                py_repr(state, out, &item, depth + 1)?;
             }
             out.push(']');
         }
@@ -513,9 +640,9 @@ fn py_repr(
                 if i > 0 {
                     out.push_str(", ");
                 }
-                py_repr(out, &key, depth + 1)?;
+                py_repr(state, out, &key, depth + 1)?;
                 out.push_str(": ");
-                py_repr(out, &value.get_item(&key)?, depth + 1)?;
+                py_repr(state, out, &value.get_item(&key)?, depth + 1)?;
             }
             out.push('}');
         }
@@ -623,6 +750,7 @@ fn py_float(f: f64) -> String {
 /// sort_keys=False)`, with no HTML escaping. Positional arguments follow that
 /// signature; keywords are accepted for all four.
 fn tojson(
+    state: &State,
     value: &Value,
     ensure_ascii: Option<Value>,
     indent: Option<Value>,
@@ -660,7 +788,8 @@ fn tojson(
     let separators: Option<Value> = kwargs.get("separators")?;
     let (item_sep, key_sep) = match separators {
         Some(seps) if !seps.is_none() => {
-            let parts: Vec<Value> = seps.try_iter()?.collect();
+            // At most three: two are valid, a third says the list is too long.
+            let parts: Vec<Value> = seps.try_iter()?.take(3).collect();
             match (
                 parts.first().and_then(|v| v.as_str()),
                 parts.get(1).and_then(|v| v.as_str()),
@@ -689,7 +818,7 @@ fn tojson(
         sort_keys,
     };
     let mut out = String::new();
-    write_json(&mut out, value, &opts, 0)?;
+    write_json(state, &mut out, value, &opts, 0)?;
     Ok(Value::from(out))
 }
 
@@ -714,6 +843,7 @@ impl JsonOpts {
 
 /// Python's JSON encoder over a minijinja value.
 fn write_json(
+    state: &State,
     out: &mut String,
     value: &Value,
     opts: &JsonOpts,
@@ -722,24 +852,27 @@ fn write_json(
     if level > MAX_DEPTH {
         return Err(too_deep());
     }
+    charge_item(state, out)?;
     match value.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&json_number(value)),
         ValueKind::String => json_str(out, value.as_str().unwrap_or_default(), opts.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = value.try_iter()?.collect();
-            if items.is_empty() {
+            // Walked, not collected: the sequence may be a lazy one of
+            // 10^9 items, and each item is paid for as it is written.
+            let mut items = value.try_iter()?.peekable();
+            if items.peek().is_none() {
                 out.push_str("[]");
                 return Ok(());
             }
             out.push('[');
-            for (i, item) in items.iter().enumerate() {
+            for (i, item) in items.enumerate() {
                 if i > 0 {
                     out.push_str(&opts.item_sep);
                 }
                 opts.newline(out, level + 1);
-                write_json(out, item, opts, level + 1)?;
+                write_json(state, out, &item, opts, level + 1)?;
             }
             opts.newline(out, level);
             out.push(']');
@@ -747,6 +880,7 @@ fn write_json(
         ValueKind::Map => {
             let mut entries = Vec::new();
             for key in value.try_iter()? {
+                charge_item(state, out)?;
                 let item = value.get_item(&key)?;
                 entries.push((json_key(&key)?, item));
             }
@@ -765,7 +899,7 @@ fn write_json(
                 opts.newline(out, level + 1);
                 json_str(out, key, opts.ensure_ascii);
                 out.push_str(&opts.key_sep);
-                write_json(out, item, opts, level + 1)?;
+                write_json(state, out, item, opts, level + 1)?;
             }
             opts.newline(out, level);
             out.push('}');
@@ -982,7 +1116,7 @@ fn template_error(origin: &str, err: minijinja::Error) -> Error {
             line: err.line(),
             message: format!(
                 "the template ran out of its budget of {RENDER_FUEL} fuel units \
-                 (an endless or very long loop?)"
+                 (an endless loop, or far more data than a prompt needs?)"
             ),
         },
         _ => Error::ChatTemplateRender {
@@ -1083,6 +1217,56 @@ mod tests {
             other => panic!("expected an out-of-fuel error, got {other:?}"),
         }
         assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn output_beyond_the_cap_is_refused() {
+        // 10^5 x 10^3 bytes: 100 MB of output, refused at 16 MiB.
+        let t = template("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}");
+        match t.render(&user("hi"), &RenderOptions::default()) {
+            Err(Error::ChatTemplateRender { message, .. }) => {
+                assert!(message.contains("longer than"), "{message}")
+            }
+            other => panic!("expected a render error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn format_widths_are_paid_for_before_padding() {
+        assert_eq!(format_padding("{0:>10} {1:.3f}"), 14);
+        assert_eq!(format_padding("{:>99999999999999999999999}"), usize::MAX);
+        let t = template("{{ '{:>999999999}'.format(1) }}");
+        match t.render(&user("hi"), &RenderOptions::default()) {
+            Err(Error::ChatTemplateRender { message, .. }) => {
+                assert!(message.contains("widths"), "{message}")
+            }
+            other => panic!("expected a render error, got {other:?}"),
+        }
+        let t = template("{{ '{:>5}|{}'.format('ab', 'c') }}");
+        assert_eq!(
+            t.render(&user("hi"), &RenderOptions::default())
+                .ok()
+                .as_deref(),
+            Some("   ab|c")
+        );
+    }
+
+    #[test]
+    fn str_join_joins_strings_and_names_a_wrong_item() {
+        let t = template("{{ ', '.join(['a', 'b']) }}|{{ ''.join([]) }}");
+        assert_eq!(
+            t.render(&user("hi"), &RenderOptions::default())
+                .ok()
+                .as_deref(),
+            Some("a, b|")
+        );
+        let t = template("{{ ', '.join(['a', 1]) }}");
+        match t.render(&user("hi"), &RenderOptions::default()) {
+            Err(Error::ChatTemplateRender { message, .. }) => {
+                assert!(message.contains("item 1"), "{message}")
+            }
+            other => panic!("expected a render error, got {other:?}"),
+        }
     }
 
     #[test]

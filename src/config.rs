@@ -281,7 +281,7 @@ impl ModelConfig {
         let eps_default = if arch.is_gemma() { 1e-6 } else { 1e-5 };
         let rms_norm_eps = fields.opt_f64("rms_norm_eps")?.unwrap_or(eps_default);
 
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             vocab_size: fields.usize("vocab_size")?,
             hidden_size,
@@ -314,7 +314,100 @@ impl ModelConfig {
                 .and_then(|v| v.first().copied()),
             eos_token_ids: fields.opt_token_ids("eos_token_id")?.unwrap_or_default(),
             source: path.to_owned(),
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses values a model loads with but cannot compute with (NaN or
+    /// infinite activations on every request), or that would reserve
+    /// absurd memory, naming the field. `from_json` calls it; a
+    /// `ModelConfig` built another way (GGUF metadata) should too.
+    pub fn validate(&self) -> Result<()> {
+        let err = |message: String| Error::Config {
+            path: self.source.clone(),
+            message,
+        };
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("head_dim", self.head_dim),
+        ];
+        for (name, value) in sizes {
+            if value == 0 {
+                return Err(err(format!("{name} must be at least 1, found 0")));
+            }
+        }
+        if !(1..=MAX_POSITION_EMBEDDINGS).contains(&self.max_position_embeddings) {
+            return Err(err(format!(
+                "max_position_embeddings must be in [1, {MAX_POSITION_EMBEDDINGS}], found {}",
+                self.max_position_embeddings
+            )));
+        }
+        // RMSNorm divides by sqrt(mean(x²) + eps): eps <= 0 gives NaN on a
+        // zero row and inf where the mean underflows.
+        positive("rms_norm_eps", self.rms_norm_eps).map_err(err)?;
+        for (name, rope) in [
+            ("rope_theta", Some(&self.rope)),
+            ("rope_local_base_freq", self.rope_local.as_ref()),
+        ] {
+            let Some(rope) = rope else { continue };
+            // The inverse frequencies are theta^(-2i/d): theta 0 gives inf.
+            positive(name, rope.theta).map_err(err)?;
+            match &rope.scaling {
+                RopeScaling::None => {}
+                RopeScaling::Linear { factor } => {
+                    positive("rope_scaling.factor", *factor).map_err(err)?
+                }
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } => {
+                    positive("rope_scaling.factor", *factor).map_err(err)?;
+                    positive("rope_scaling.low_freq_factor", *low_freq_factor).map_err(err)?;
+                    positive("rope_scaling.high_freq_factor", *high_freq_factor).map_err(err)?;
+                    positive(
+                        "rope_scaling.original_max_position_embeddings",
+                        *original_max_position_embeddings,
+                    )
+                    .map_err(err)?;
+                    // Llama 3's smoothing divides by their difference.
+                    if high_freq_factor <= low_freq_factor {
+                        return Err(err(format!(
+                            "rope_scaling.high_freq_factor ({high_freq_factor}) must be greater than low_freq_factor ({low_freq_factor})"
+                        )));
+                    }
+                }
+                RopeScaling::Factors(factors) => {
+                    if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                        return Err(err(format!(
+                            "the RoPE frequency factors must be positive finite numbers, found {f}"
+                        )));
+                    }
+                }
+            }
+        }
+        positive(
+            "the attention scale (query_pre_attn_scalar)",
+            self.attn_scale,
+        )
+        .map_err(err)?;
+        for (name, cap) in [
+            ("attn_logit_softcapping", self.attn_logit_softcap),
+            ("final_logit_softcapping", self.final_logit_softcap),
+        ] {
+            if let Some(cap) = cap {
+                positive(name, cap).map_err(err)?;
+            }
+        }
+        if let Some(scale) = self.embedding_scale {
+            positive("the embedding scale (hidden_size)", scale).map_err(err)?;
+        }
+        Ok(())
     }
 
     /// The rope parameters a layer uses.
@@ -323,6 +416,23 @@ impl ModelConfig {
             (Some(LayerAttention::Sliding { .. }), Some(local)) => local,
             _ => &self.rope,
         }
+    }
+}
+
+/// The largest `max_position_embeddings` accepted: 2^24 (16.7M) positions,
+/// above the longest contexts published (10M). A larger value is a broken
+/// config, and the default KV budget is sized from it.
+pub const MAX_POSITION_EMBEDDINGS: usize = 1 << 24;
+
+/// `Ok` when `value` is a positive finite number; else the message naming
+/// `name`.
+fn positive(name: &str, value: f64) -> std::result::Result<(), String> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name} must be a positive finite number, found {value}"
+        ))
     }
 }
 
@@ -742,6 +852,59 @@ mod tests {
         v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
         let err = parse(v).unwrap_err().to_string();
         assert!(err.contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn values_a_model_cannot_compute_with_are_named() {
+        let cases = [
+            (
+                "rms_norm_eps",
+                json!(-1),
+                "rms_norm_eps must be a positive finite number, found -1",
+            ),
+            ("rms_norm_eps", json!(0), "rms_norm_eps"),
+            (
+                "rope_theta",
+                json!(0),
+                "rope_theta must be a positive finite number, found 0",
+            ),
+            ("rope_theta", json!(-10000.0), "rope_theta"),
+            (
+                "max_position_embeddings",
+                json!(0),
+                "max_position_embeddings must be in [1, 16777216], found 0",
+            ),
+            (
+                "max_position_embeddings",
+                json!(1_000_000_000_000_000u64),
+                "max_position_embeddings",
+            ),
+            ("vocab_size", json!(0), "vocab_size must be at least 1"),
+            ("intermediate_size", json!(0), "intermediate_size"),
+        ];
+        for (field, value, want) in cases {
+            let mut v = base("LlamaForCausalLM");
+            v[field] = value.clone();
+            match parse(v) {
+                Err(e @ Error::Config { .. }) => {
+                    assert!(e.to_string().contains(want), "{field}={value}: {e}")
+                }
+                other => panic!("{field}={value}: expected a config error, got {other:?}"),
+            }
+        }
+        let mut v = base("LlamaForCausalLM");
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 0.0});
+        let e = parse(v).expect_err("factor 0");
+        assert!(e.to_string().contains("rope_scaling.factor"), "{e}");
+        let mut v = base("Gemma3ForCausalLM");
+        v["sliding_window"] = json!(16);
+        v["rope_local_base_freq"] = json!(0);
+        let e = parse(v).expect_err("local theta 0");
+        assert!(e.to_string().contains("rope_local_base_freq"), "{e}");
+        // The defaults of every architecture pass.
+        for arch in ["LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"] {
+            parse(base(arch)).expect(arch);
+        }
     }
 
     #[test]

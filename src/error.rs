@@ -22,6 +22,11 @@ pub enum Error {
     #[error("the GGUF file {0} does not exist (for a Hub repo, give --model org/name --gguf-file FILE.gguf)")]
     NoSuchGguf(PathBuf),
 
+    /// `--model` names a `.gguf` path that exists but is not a regular file
+    /// (a folder, a device, a pipe, a symlink to one of those).
+    #[error("{path} is not a regular file ({kind}); give --model a .gguf file")]
+    NotAFile { path: PathBuf, kind: String },
+
     /// A folder without config.json holds GGUF files: `--gguf-file` picks one.
     #[error("{dir} has no config.json but holds GGUF files ({files}): choose one with --gguf-file NAME.gguf")]
     GgufOnlyFolder { dir: PathBuf, files: String },
@@ -173,6 +178,11 @@ pub enum Error {
     /// Too many requests are running or queued.
     #[error("{0}")]
     Overloaded(String),
+
+    /// The model loaded but a few test tokens give non-finite logits: its
+    /// weights or config values are broken, and every request would fail.
+    #[error("the model loads but does not compute: {0}")]
+    DoesNotCompute(String),
 
     /// A failure inside candle while computing.
     #[error("tensor computation failed: {0}")]

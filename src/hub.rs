@@ -102,7 +102,13 @@ impl ModelRequest {
         if is_gguf_name(model) {
             let path = Path::new(model);
             if !path.is_file() {
-                return Err(Error::NoSuchGguf(path.to_path_buf()));
+                return Err(match not_a_file(path) {
+                    Some(kind) => Error::NotAFile {
+                        path: path.to_path_buf(),
+                        kind,
+                    },
+                    None => Error::NoSuchGguf(path.to_path_buf()),
+                });
             }
             if let Some(name) = gguf_file {
                 return Err(Error::BadGgufFile {
@@ -136,6 +142,52 @@ impl ModelRequest {
             source,
             gguf_file: gguf_file.map(str::to_string),
         })
+    }
+}
+
+/// What a path that is not a regular file is instead, `None` when nothing
+/// is there at all. A symlink is followed, and named with its target.
+fn not_a_file(path: &Path) -> Option<String> {
+    let link = std::fs::symlink_metadata(path).ok()?;
+    let target = link
+        .file_type()
+        .is_symlink()
+        .then(|| std::fs::read_link(path).ok())
+        .flatten();
+    let kind = match std::fs::metadata(path) {
+        Err(_) => "a symlink whose target does not exist".to_owned(),
+        Ok(meta) => file_kind(&meta.file_type()).to_owned(),
+    };
+    Some(match target {
+        Some(target) => format!("{kind}; a symlink to {}", target.display()),
+        None => kind,
+    })
+}
+
+/// A file type in words.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_fifo() {
+            return "a named pipe";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_file() {
+        "a file"
+    } else {
+        "not a file"
     }
 }
 
@@ -846,6 +898,35 @@ mod tests {
         // A .gguf that is not there is not taken for a repo id.
         let err = ModelRequest::parse("missing.gguf", None, None).err();
         assert!(matches!(err, Some(Error::NoSuchGguf(_))), "{err:?}");
+
+        // Something other than a file is named as what it is (issue 12).
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("dev.gguf");
+            std::os::unix::fs::symlink("/dev/null", &link).map_err(|e| Error::io(&link, e))?;
+            let err = ModelRequest::parse(&link.to_string_lossy(), None, None).err();
+            let text = err.as_ref().map(ToString::to_string).unwrap_or_default();
+            assert!(matches!(err, Some(Error::NotAFile { .. })), "{err:?}");
+            assert!(
+                text.contains("a character device; a symlink to /dev/null"),
+                "{text}"
+            );
+            let dangling = dir.path().join("dangling.gguf");
+            std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling)
+                .map_err(|e| Error::io(&dangling, e))?;
+            let text = ModelRequest::parse(&dangling.to_string_lossy(), None, None)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(text.contains("target does not exist"), "{text}");
+        }
+        let folder = dir.path().join("folder.gguf");
+        std::fs::create_dir(&folder).map_err(|e| Error::io(&folder, e))?;
+        let text = ModelRequest::parse(&folder.to_string_lossy(), None, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(text.contains("not a regular file (a folder)"), "{text}");
 
         // A repo with --gguf-file.
         let request = ModelRequest::parse("org/name-GGUF", Some("v1"), Some("a/b.Q4_K_M.gguf"))?;

@@ -13,7 +13,7 @@ use crate::chat_template::{ChatTemplate, Message, RenderOptions};
 use crate::config::GenerationConfig;
 use crate::gguf::{self, GgufFile, GgufWeights};
 use crate::hub::{GgufFiles, ModelFiles, ResolvedModel};
-use crate::models::Decoder;
+use crate::models::{Decoder, Logits, SeqInput};
 use crate::quant::Quant;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -97,7 +97,8 @@ impl Pipeline {
     }
 
     /// [`load`](Self::load) or [`load_gguf`](Self::load_gguf), as the files
-    /// say.
+    /// say, then [`check_computes`](Self::check_computes): what the
+    /// commands load, so a broken model fails at start, not at every request.
     pub fn load_resolved(
         files: &ResolvedModel,
         dtype: DType,
@@ -105,14 +106,54 @@ impl Pipeline {
         quant: Quant,
         chat_template: Option<&Path>,
     ) -> Result<Self> {
-        match files {
+        let pipeline = match files {
             ResolvedModel::Safetensors(files) => {
                 Self::load(files, dtype, device, quant, chat_template)
             }
             ResolvedModel::Gguf(files) => {
                 Self::load_gguf(files, dtype, device, quant, chat_template)
             }
+        }?;
+        pipeline.check_computes()?;
+        Ok(pipeline)
+    }
+
+    /// Runs a few tokens through the model and checks every logit is
+    /// finite. Weights holding NaN, or config values that load but make
+    /// the arithmetic blow up, otherwise surface as a 500 on every request
+    /// ("logit of token 0 is NaN"). Costs one forward pass of four tokens.
+    pub fn check_computes(&self) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        let bos = self
+            .model
+            .config()
+            .bos_token_id
+            .filter(|&b| (b as usize) < vocab);
+        let mut tokens: Vec<u32> = bos.into_iter().collect();
+        tokens.extend((0..vocab.min(4) as u32).filter(|&t| Some(t) != bos));
+        tokens.truncate(4);
+        let mut cache = self.model.new_cache();
+        cache.reserve(tokens.len());
+        let logits = self.model.forward(&mut [SeqInput {
+            tokens: &tokens,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])?;
+        let Some(logits) = logits.first() else {
+            return Err(Error::DoesNotCompute(
+                "the forward pass returned no logits".into(),
+            ));
+        };
+        let values: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::DoesNotCompute(format!(
+                "on the test tokens {tokens:?}, the logit of token {} at position {} is {}; check the weights and the config values (rms_norm_eps, rope_theta, ...)",
+                i % vocab.max(1),
+                i / vocab.max(1),
+                values[i]
+            )));
         }
+        Ok(())
     }
 
     /// The parts put together, with the stop tokens of all of them.

@@ -205,3 +205,32 @@ fn empty_conversation_is_an_invalid_request() {
         Err(Error::InvalidRequest(_))
     ));
 }
+
+/// The render budget, sized to bound a hostile template's memory (issue 12),
+/// still fits a conversation far beyond any context: 1,000 alternating
+/// messages of 4 kB (4 MB of prompt) through every real template.
+#[test]
+fn a_4_mb_conversation_renders_within_the_budget() {
+    let content = "word ".repeat(800);
+    let messages: Vec<Message> = (0..1000)
+        .map(|i| Message::new(if i % 2 == 0 { "user" } else { "assistant" }, &*content))
+        .collect();
+    for name in ["qwen3", "llama3_1", "gemma3", "llama2", "deepseek_v3"] {
+        let config = fixture_dir(name).join("tokenizer_config.json");
+        let template = match template_file(name) {
+            Some(file) => ChatTemplate::from_file(&fixture_dir(name).join(file), Some(&config))
+                .expect("template file compiles"),
+            None => ChatTemplate::from_tokenizer_config(&config)
+                .expect("config loads")
+                .expect("a template"),
+        };
+        let opts = RenderOptions {
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        let text = template
+            .render(&messages, &opts)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(text.len() > 4_000_000, "{name}: {} bytes", text.len());
+    }
+}

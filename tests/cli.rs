@@ -266,3 +266,94 @@ fn a_stop_string_ends_the_text_before_it() {
     assert_eq!(got.trim_end_matches('\n'), &text[..cut]);
     assert!(stderr(&o).contains("finish: stop"), "{}", stderr(&o));
 }
+
+// ---- models that load but cannot compute (issue 12) ------------------------------
+
+/// A copy of fixture `name` whose config.json has `field` set to `value`.
+fn with_config(name: &str, field: &str, value: serde_json::Value) -> tempfile::TempDir {
+    damaged(name, |d| {
+        let path = d.join("config.json");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let mut config: serde_json::Value = serde_json::from_str(&text).expect("json");
+        config[field] = value;
+        std::fs::write(&path, config.to_string()).expect("write");
+    })
+}
+
+#[test]
+fn config_values_a_model_cannot_compute_with_are_named() {
+    // Each loaded and then failed every request (NaN logits), or was blamed
+    // on --kv-cache-mem, or sized the KV budget from 10^15 positions.
+    let cases = [
+        (
+            "rms_norm_eps",
+            serde_json::json!(-1),
+            "rms_norm_eps must be a positive finite number, found -1",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_theta": 0, "rope_type": "default"}),
+            "rope_theta must be a positive finite number, found 0",
+        ),
+        (
+            "max_position_embeddings",
+            serde_json::json!(0),
+            "max_position_embeddings must be in [1, 16777216], found 0",
+        ),
+        (
+            "max_position_embeddings",
+            serde_json::json!(1_000_000_000_000_000u64),
+            "found 1000000000000000",
+        ),
+    ];
+    for (field, value, want) in cases {
+        let dir = with_config("qwen2", field, value.clone());
+        let err = generate_fails(dir.path());
+        assert!(
+            err.contains(want) && err.contains("config.json"),
+            "{field}={value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_model_whose_logits_are_nan_fails_at_load() {
+    let dir = damaged("qwen2", |d| {
+        let path = d.join("model.safetensors");
+        let mut tensors =
+            candle_core::safetensors::load(&path, &candle_core::Device::Cpu).expect("weights load");
+        let t = &tensors["model.norm.weight"];
+        let nan = candle_core::Tensor::full(f32::NAN, t.shape(), t.device())
+            .and_then(|n| n.to_dtype(t.dtype()))
+            .expect("nan tensor");
+        tensors.insert("model.norm.weight".into(), nan);
+        candle_core::safetensors::save(&tensors, &path).expect("weights save");
+    });
+    let err = generate_fails(dir.path());
+    assert!(
+        err.contains("the model loads but does not compute") && err.contains("NaN"),
+        "{err}"
+    );
+    // `taper serve` refuses to start with it instead of answering 500s.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_taper"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("taper runs");
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("does not compute"), "{}", stderr(&o));
+}
+
+#[test]
+#[cfg(unix)]
+fn a_gguf_path_that_is_not_a_file_is_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("model.gguf");
+    std::os::unix::fs::symlink("/dev/zero", &link).expect("symlink");
+    let err = generate_fails(&link);
+    assert!(
+        err.contains("is not a regular file (a character device; a symlink to /dev/zero)"),
+        "{err}"
+    );
+}

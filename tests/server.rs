@@ -6,8 +6,9 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -22,6 +23,8 @@ struct Server {
     child: Child,
     port: u16,
     agent: ureq::Agent,
+    /// Every line the server wrote to stderr so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -30,21 +33,25 @@ impl Server {
     }
 
     fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
-        Self::start_model(&fixture("qwen2"), NAME, extra, env)
+        let mut args = vec!["--served-model-name", NAME];
+        args.extend_from_slice(extra);
+        Self::launch(&fixture("qwen2"), &args, env, None)
     }
 
-    /// `taper serve` on any model (a folder or a GGUF file) under `name`.
-    fn start_model(
-        model: &std::path::Path,
-        name: &str,
-        extra: &[&str],
+    /// `taper serve --model MODEL --port 0 ARGS`, its address space capped
+    /// at `memory_limit` bytes when given (so a test that makes it allocate
+    /// without bound fails instead of taking the machine down).
+    fn launch(
+        model: &Path,
+        args: &[&str],
         env: &[(&str, &str)],
+        memory_limit: Option<u64>,
     ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_taper"));
         cmd.args(["serve", "--model"])
             .arg(model)
-            .args(["--port", "0", "--served-model-name", name])
-            .args(extra)
+            .args(["--port", "0"])
+            .args(args)
             .env("HF_HUB_OFFLINE", "1")
             .env_remove("TAPER_API_KEY")
             .stdout(Stdio::null())
@@ -52,9 +59,29 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        if let Some(bytes) = memory_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the
+            // child, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes as libc::rlim_t,
+                        rlim_max: bytes as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("taper serve starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -63,6 +90,9 @@ impl Server {
                     let _ = tx.send(port);
                 }
                 eprintln!("[taper serve] {line}");
+                if let Ok(mut lines) = lines.lock() {
+                    lines.push(line);
+                }
             }
         });
         let port = rx
@@ -76,9 +106,20 @@ impl Server {
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(120))
                 .build(),
+            log,
         };
         server.wait_ready();
         server
+    }
+
+    /// What the server wrote to stderr so far.
+    fn stderr(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     fn url(&self, path: &str) -> String {
@@ -965,14 +1006,24 @@ fn oversized_bodies_are_413() {
 #[test]
 fn a_full_queue_is_429_and_the_server_keeps_serving() {
     let s = Server::start(&["--max-batch", "1", "--max-queue", "1"]);
-    // Three choices need three places; one runs and one waits.
+    // A long stream takes the one running place; two choices need both
+    // places, so one of them is refused for now (what fits an idle server
+    // is a 429; what never fits is a 400, see
+    // requests_that_can_never_fit_are_400_not_429).
+    let body = completion(
+        json!("Hi"),
+        json!({"stream": true, "ignore_eos": true, "temperature": 0}),
+    );
+    let (stream, _) = open_stream(s.port, &body);
     let (status, reply) = s.post(
         "/v1/completions",
-        &completion(json!("Hi"), json!({"n": 3, "max_tokens": 4})),
+        &completion(json!("Hi"), json!({"n": 2, "max_tokens": 4})),
     );
     let e = error_of(status, &reply, 429);
     assert_eq!(e["code"], "rate_limit_exceeded");
-    // The two that were queued are cancelled; their places come back.
+    // The stream's client leaves and the choice that was queued is
+    // cancelled; their places come back.
+    drop(stream);
     s.eventually("the queue to drain", |s| {
         s.metric("taper_requests_running") == 0.0 && s.metric("taper_requests_waiting") == 0.0
     });
@@ -1199,13 +1250,406 @@ fn cors_headers_for_allowed_origins() {
         r.header("access-control-allow-origin"),
         Some("https://example.com")
     );
-    let r = s
+    // Other origins are refused outright (issue 12), with no CORS header.
+    match s
         .agent
         .get(&s.url("/v1/models"))
         .set("Origin", "https://evil.example")
         .call()
-        .expect("models");
-    assert_eq!(r.header("access-control-allow-origin"), None);
+    {
+        Err(ureq::Error::Status(403, r)) => {
+            assert_eq!(r.header("access-control-allow-origin"), None)
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+}
+
+// ---- hostile input (issue 12) ----------------------------------------------------
+
+/// A JSON POST over a raw socket with the given extra header lines (each
+/// ending in `\r\n`) and a `Host` of our choosing: the status line and body.
+fn raw_request(port: u16, path: &str, headers: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("send");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn cross_site_requests_are_refused() {
+    // Issue 12, fault 1: a page on another site could make a local server
+    // generate with a "simple" request (no preflight), or reach it under a
+    // rebound DNS name.
+    let s = Server::start(&["--cors-allow-origin", "https://ok.example"]);
+    let body = chat("Hi", json!({"max_tokens": 1})).to_string();
+    let host = format!("Host: 127.0.0.1:{}\r\n", s.port);
+    let json = "Content-Type: application/json\r\n";
+    let generated = || s.metric("taper_generation_tokens_total");
+    let before = generated();
+
+    // Bodies a browser sends cross-site without asking: 415.
+    for content_type in [
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+        "Content-Type: multipart/form-data; boundary=x\r\n",
+        "",
+    ] {
+        for path in ["/v1/chat/completions", "/v1/completions"] {
+            let (status, reply) =
+                raw_request(s.port, path, &format!("{host}{content_type}"), &body);
+            assert_eq!(status, 415, "{path} {content_type:?}: {reply}");
+            assert!(reply.contains("unsupported_media_type"), "{reply}");
+        }
+    }
+    // An origin --cors-allow-origin does not list: 403, even as JSON.
+    let (status, reply) = raw_request(
+        s.port,
+        "/v1/chat/completions",
+        &format!("{host}{json}Origin: http://evil.example\r\n"),
+        &body,
+    );
+    assert_eq!(status, 403, "{reply}");
+    assert!(reply.contains("forbidden_origin"), "{reply}");
+    // A foreign Host on a loopback server (DNS rebinding): 403.
+    for foreign in [
+        "evil.example",
+        &format!("evil.example:{}", s.port),
+        "10.0.0.1",
+    ] {
+        let (status, reply) = raw_request(
+            s.port,
+            "/v1/chat/completions",
+            &format!("Host: {foreign}\r\n{json}"),
+            &body,
+        );
+        assert_eq!(status, 403, "{foreign}: {reply}");
+        assert!(reply.contains("forbidden_host"), "{reply}");
+    }
+    assert_eq!(generated(), before, "a refused request generated");
+
+    // Loopback names with any port, the allowed origin, and charset
+    // parameters are served.
+    for (host_name, origin) in [
+        (format!("localhost:{}", s.port), ""),
+        ("localhost".to_owned(), ""),
+        (format!("[::1]:{}", s.port), ""),
+        (
+            format!("127.0.0.1:{}", s.port),
+            "Origin: https://ok.example\r\n",
+        ),
+    ] {
+        let (status, reply) = raw_request(
+            s.port,
+            "/v1/chat/completions",
+            &format!(
+                "Host: {host_name}\r\nContent-Type: application/json; charset=utf-8\r\n{origin}"
+            ),
+            &body,
+        );
+        assert_eq!(status, 200, "{host_name} {origin:?}: {reply}");
+    }
+}
+
+#[test]
+fn a_server_on_all_interfaces_takes_any_host() {
+    let s = Server::start(&["--host", "0.0.0.0"]);
+    let (status, reply) = raw_request(
+        s.port,
+        "/v1/completions",
+        "Host: my-server.example:8080\r\nContent-Type: application/json\r\n",
+        &completion(json!("Hi"), json!({"max_tokens": 1})).to_string(),
+    );
+    assert_eq!(status, 200, "{reply}");
+}
+
+#[test]
+fn hostile_chat_templates_fail_alone_under_a_memory_ceiling() {
+    // Issue 12, fault 2: each of these took the server down (an aborted
+    // 3 GiB allocation, a 2.1 GiB peak). The server runs with its address
+    // space capped at 1.5 GiB, so a regression fails here, not the machine.
+    let template = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hostile/chat_template.jinja");
+    let template = template.to_string_lossy().into_owned();
+    let mut s = Server::launch(
+        &fixture("qwen2"),
+        &[
+            "--served-model-name",
+            NAME,
+            "--chat-template",
+            &template,
+            "--threads",
+            "2",
+        ],
+        // Fewer threads and malloc arenas: each reserves address space.
+        &[("TOKIO_WORKER_THREADS", "2"), ("MALLOC_ARENA_MAX", "2")],
+        Some(1536 << 20),
+    );
+    let attacks = ["concat", "replace", "replace_filter", "format", "sum"];
+    let attack = |name: &str| {
+        let start = Instant::now();
+        let (status, reply) = s.post(
+            "/v1/chat/completions",
+            &chat(name, json!({"max_tokens": 1})),
+        );
+        (name.to_owned(), status, reply, start.elapsed())
+    };
+    // Three at once, as the probe did, then each of them.
+    let mut results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = attacks[..3]
+            .iter()
+            .map(|a| scope.spawn(move || attack(a)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
+    });
+    results.extend(attacks.iter().map(|a| attack(a)));
+    for (name, status, reply, took) in results {
+        let e = error_of(status, &reply, 400);
+        assert_eq!(e["param"], "messages", "{name}: {reply}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("chat template"),
+            "{name}: {reply}"
+        );
+        assert!(took < Duration::from_secs(30), "{name} took {took:?}");
+    }
+    assert!(s.alive(), "the server died:\n{}", s.stderr());
+    let reply = s.ok(
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 2})),
+    );
+    assert_eq!(reply["choices"][0]["finish_reason"], "length");
+}
+
+#[test]
+fn unknown_roles_and_missing_content_are_400() {
+    // Issue 12, fault 3: the template dropped an unknown role without a word.
+    let s = Server::start(&[]);
+    let cases = [
+        (
+            json!([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}]),
+            "messages[1].role",
+            "Given: \"wizard\"",
+        ),
+        (
+            json!([{"role": "User", "content": "hi"}]),
+            "messages[0].role",
+            "must be one of system, developer, user, assistant, tool, function",
+        ),
+        (
+            json!([{"role": "user", "content": null}]),
+            "messages[0].content",
+            "Given: null",
+        ),
+        (
+            json!([{"role": "system", "content": "be brief"}, {"role": "user"}]),
+            "messages[1].content",
+            "for a user message",
+        ),
+    ];
+    for (messages, param, message) in cases {
+        let body = json!({"model": NAME, "messages": messages, "max_tokens": 1});
+        let (status, reply) = s.post("/v1/chat/completions", &body);
+        let e = error_of(status, &reply, 400);
+        assert_eq!(e["param"], param, "{messages}: {reply}");
+        let got = e["message"].as_str().unwrap_or("");
+        assert!(
+            got.contains(message),
+            "{messages}: {got:?} lacks {message:?}"
+        );
+    }
+    // An assistant turn without content (it called tools) is fine.
+    let body = json!({"model": NAME, "max_tokens": 1, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": null},
+        {"role": "user", "content": "and?"},
+    ]});
+    s.ok("/v1/chat/completions", &body);
+}
+
+#[test]
+fn requests_that_can_never_fit_are_400_not_429() {
+    // Issue 12, fault 4: 2 running + 2 queued places can never take five
+    // choices; a 429 had clients retrying forever.
+    let s = Server::start(&["--max-batch", "2", "--max-queue", "2"]);
+    let (status, reply) = s.post(
+        "/v1/chat/completions",
+        &chat("Hi", json!({"n": 5, "max_tokens": 1})),
+    );
+    let e = error_of(status, &reply, 400);
+    assert_eq!(e["param"], "n", "{reply}");
+    let got = e["message"].as_str().unwrap_or("");
+    assert!(got.contains("<= 4") && got.contains("--max-batch"), "{got}");
+    let (status, reply) = s.post(
+        "/v1/completions",
+        &completion(
+            json!(["a", "b", "c", "d", "e", "f"]),
+            json!({"max_tokens": 1}),
+        ),
+    );
+    let e = error_of(status, &reply, 400);
+    assert!(
+        e["message"].as_str().unwrap_or("").contains("6 prompts"),
+        "{reply}"
+    );
+    // What fits an idle server is served.
+    let reply = s.ok(
+        "/v1/completions",
+        &completion(json!(["a", "b"]), json!({"n": 2, "max_tokens": 1})),
+    );
+    assert_eq!(reply["choices"].as_array().map(Vec::len), Some(4));
+
+    // Default limits (16 + 64): n 100 passes validation's 128 but not this.
+    let s = Server::start(&[]);
+    let (status, reply) = s.post(
+        "/v1/chat/completions",
+        &chat("Hi", json!({"n": 100, "max_tokens": 1})),
+    );
+    assert_eq!(error_of(status, &reply, 400)["param"], "n", "{reply}");
+}
+
+#[test]
+fn a_prompt_beyond_the_kv_budget_is_context_length_exceeded() {
+    // Issue 12, fault 5: 96 KiB holds 128 positions of the fixture (768
+    // bytes each); a longer prompt was a 500 while /v1/models said 512.
+    let s = Server::start(&["--kv-cache-mem", "96KiB"]);
+    assert!(
+        s.stderr()
+            .contains("warning: the KV cache holds 128 positions"),
+        "{}",
+        s.stderr()
+    );
+    let (_, models) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).expect("json");
+    assert_eq!(models["data"][0]["max_model_len"], 128);
+
+    let long: Vec<u32> = (0..200).map(|i| 100 + (i % 50)).collect();
+    for extra in [json!({}), json!({"max_tokens": 4})] {
+        let (status, reply) = s.post("/v1/completions", &completion(json!(long), extra));
+        let e = error_of(status, &reply, 400);
+        assert_eq!(e["code"], "context_length_exceeded", "{reply}");
+        let got = e["message"].as_str().unwrap_or("");
+        assert!(
+            got.contains("128 positions") && got.contains("--kv-cache-mem"),
+            "{got}"
+        );
+    }
+    let fits: Vec<u32> = (0..120).map(|i| 100 + (i % 50)).collect();
+    let reply = s.ok(
+        "/v1/completions",
+        &completion(json!(fits), json!({"ignore_eos": true})),
+    );
+    assert_eq!(reply["usage"]["completion_tokens"], 8);
+}
+
+#[test]
+fn at_the_shutdown_timeout_streams_end_with_an_error_and_waiting_requests_get_503() {
+    // Issue 12, fault 6: streams were cut mid-body and waiting requests got
+    // no answer at all, which reads as a network fault.
+    let mut s = Server::start(&["--shutdown-timeout", "0", "--max-batch", "1"]);
+    // All the context holds, so it runs well past the signal.
+    let body = completion(
+        json!("Hi"),
+        json!({"stream": true, "ignore_eos": true, "temperature": 0}),
+    );
+    let (mut stream, mut seen) = open_stream(s.port, &body);
+    // A whole answer waits behind it (one sequence at a time).
+    let port = s.port;
+    let waiting = std::thread::spawn(move || {
+        raw_request(
+            port,
+            "/v1/completions",
+            "Host: localhost\r\nContent-Type: application/json\r\n",
+            &completion(json!("Hello"), json!({"max_tokens": 4})).to_string(),
+        )
+    });
+    s.eventually("the second request to wait", |s| {
+        s.metric("taper_requests_waiting") == 1.0
+    });
+    let kill = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+
+    stream
+        .read_to_string(&mut seen)
+        .expect("the stream reads to its end");
+    let data: Vec<&str> = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last().copied(), Some("[DONE]"), "{seen}");
+    let error: Value = serde_json::from_str(data[data.len() - 2]).expect("an error event");
+    assert_eq!(error["error"]["code"], "server_shutting_down", "{seen}");
+    // The chunked body is complete: its last chunk has length 0.
+    assert!(seen.ends_with("0\r\n\r\n"), "{seen:?}");
+
+    let (status, reply) = waiting.join().expect("client");
+    assert_eq!(status, 503, "{reply}");
+    assert!(reply.contains("server_shutting_down"), "{reply}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = s.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn the_served_model_id_is_the_folders_name() {
+    // Issue 12: the default id was the --model path, shown to every client.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny-model");
+    std::fs::create_dir(&model).expect("mkdir");
+    for entry in std::fs::read_dir(fixture("qwen2")).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), model.join(entry.file_name())).expect("copy");
+    }
+    let s = Server::launch(&model, &[], &[], None);
+    let (_, models) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).expect("json");
+    assert_eq!(models["data"][0]["id"], "tiny-model", "{models}");
+    let reply = s.ok(
+        "/v1/completions",
+        &json!({"model": "tiny-model", "prompt": "Hi", "max_tokens": 1}),
+    );
+    assert_eq!(reply["model"], "tiny-model");
+    let (status, reply) = s.post(
+        "/v1/completions",
+        &json!({"model": "nope", "prompt": "Hi", "max_tokens": 1}),
+    );
+    let e = error_of(status, &reply, 404);
+    let message = e["message"].as_str().unwrap_or("");
+    assert!(
+        !message.contains(&*dir.path().to_string_lossy()),
+        "{message}"
+    );
 }
 
 // ---- a real trained model --------------------------------------------------
@@ -1214,10 +1658,10 @@ fn cors_headers_for_allowed_origins() {
 /// fetched (`TAPER_SMOLLM2`), for the tests that need a model whose greedy
 /// choices sit as close to ties as a real quantized model's do. Run by
 /// `scripts/test.sh` (`--ignored`) once the file is there.
-fn smollm2() -> std::path::PathBuf {
+fn smollm2() -> PathBuf {
     let path = std::env::var_os("TAPER_SMOLLM2")
         .expect("TAPER_SMOLLM2 names SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_smollm2.sh)");
-    std::path::PathBuf::from(path)
+    PathBuf::from(path)
 }
 
 /// The text of a chat reply from the real model.
@@ -1239,7 +1683,7 @@ fn real_chat(s: &Server, content: &str, extra: Value) -> String {
 #[test]
 #[ignore = "needs the real model: scripts/test.sh fetches it and runs this"]
 fn real_model_gives_the_same_text_with_the_prefix_cache_and_a_batch() {
-    let s = Server::start_model(&smollm2(), "smollm2", &[], &[]);
+    let s = Server::launch(&smollm2(), &["--served-model-name", "smollm2"], &[], None);
     let prompts = [
         "Say hello.",
         "Write one sentence about the sea.",

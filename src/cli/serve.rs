@@ -35,7 +35,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
 
-    /// The model name clients use (default: the --model value).
+    /// The model name clients use [default: the repo id, or the name of
+    /// the model's folder or .gguf file].
     #[arg(long)]
     served_model_name: Option<String>,
 
@@ -71,7 +72,8 @@ pub struct ServeArgs {
     #[arg(long)]
     no_prefix_cache: bool,
 
-    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM; then
+    /// streams end with an error event and `[DONE]`, other requests get 503.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
 }
@@ -113,10 +115,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(
         args.served_model_name
             .clone()
-            .unwrap_or(args.model.model.clone()),
+            .unwrap_or_else(|| default_model_name(&args.model.model)),
     );
     config.api_key = args.api_key.clone();
     config.cors_allow_origins = args.cors_allow_origin.clone();
+    if addr.ip().is_loopback() {
+        config.allowed_hosts = Some(server::loopback_hosts(&args.host));
+    }
     let metrics = Arc::new(Metrics::default());
     let state = AppState::new(config, metrics.clone());
 
@@ -161,22 +166,47 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
             if kv.positions() < context {
                 eprintln!(
-                    "warning: the KV cache holds fewer positions than the model's context ({context}): \
-                     a sequence that outgrows it alone ends with finish_reason `length`"
+                    "warning: the KV cache holds {} positions, fewer than the model's context ({context}): \
+                     requests are limited to {} tokens (prompt and max_tokens; /v1/models says so), \
+                     raise --kv-cache-mem for the full context",
+                    kv.positions(),
+                    kv.positions()
                 );
             }
-            state.set_ready(Ready::new(engine, defaults));
+            let capacity = args.max_batch.saturating_add(args.max_queue);
+            state.set_ready(Ready::new(engine, defaults).with_capacity(capacity));
             eprintln!("ready: serving {}", state.config().served_model_name);
             std::future::pending::<anyhow::Result<()>>().await
         }
     };
     let grace = Duration::from_secs(args.shutdown_timeout);
+    let stop = {
+        let state = state.clone();
+        move || state.stop_in_flight()
+    };
     tokio::select! {
-        result = server::listen::serve(listener, server::router(state), grace) => {
+        result = server::listen::serve(listener, server::router(state), grace, stop) => {
             result.context("serving")
         }
         result = loader => result,
     }
+}
+
+/// The name a model is served under when `--served-model-name` is not
+/// given: a Hub repo id as given, a local folder's or file's own name. Not
+/// the path: it is shown to every client (`/v1/models`, error messages),
+/// and clients type it.
+fn default_model_name(model: &str) -> String {
+    let path = std::path::Path::new(model);
+    if !path.exists() {
+        return model.to_owned();
+    }
+    // `.`, `..` or `dir/` name their folder only once resolved.
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    resolved
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| model.to_owned())
 }
 
 /// generation_config.json's defaults under the command line's flags.
@@ -217,7 +247,33 @@ fn parse_mem_size(s: &str) -> Result<usize, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_mem_size;
+    use super::{default_model_name, parse_mem_size};
+
+    #[test]
+    fn models_are_named_by_their_repo_folder_or_file() {
+        assert_eq!(
+            default_model_name("Qwen/Qwen2.5-0.5B-Instruct"),
+            "Qwen/Qwen2.5-0.5B-Instruct"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = dir.path().join("my-model");
+        std::fs::create_dir(&model).expect("mkdir");
+        std::fs::write(model.join("m.Q8_0.gguf"), b"").expect("write");
+        assert_eq!(default_model_name(&model.display().to_string()), "my-model");
+        assert_eq!(
+            default_model_name(&format!("{}/", model.display())),
+            "my-model"
+        );
+        assert_eq!(
+            default_model_name(&format!("{}/.", model.display())),
+            "my-model"
+        );
+        let file = model.join("m.Q8_0.gguf");
+        assert_eq!(
+            default_model_name(&file.display().to_string()),
+            "m.Q8_0.gguf"
+        );
+    }
 
     #[test]
     fn memory_sizes_read_in_binary_units() {

@@ -152,7 +152,7 @@ pub fn model_config(f: &GgufFile) -> Result<ModelConfig> {
         }
     }
 
-    Ok(ModelConfig {
+    let config = ModelConfig {
         architecture: arch,
         vocab_size,
         hidden_size,
@@ -188,7 +188,10 @@ pub fn model_config(f: &GgufFile) -> Result<ModelConfig> {
         bos_token_id: f.token_id("tokenizer.ggml.bos_token_id")?,
         eos_token_ids,
         source: f.path().to_path_buf(),
-    })
+    };
+    // The metadata can hold the same impossible values as a config.json.
+    config.validate()?;
+    Ok(config)
 }
 
 /// The global RoPE and, for Gemma 3, its sliding layers' own.

@@ -30,7 +30,7 @@ pub async fn handler(
     let meta = Meta::new("chatcmpl", &served);
     let mut valid = {
         let ready = ready.clone();
-        super::off_runtime(move || validate::chat(req, &ready, &served)).await?
+        super::off_runtime(&state, move || validate::chat(req, &ready, &served)).await?
     };
     let receivers = generation::submit_all(&ready.engine, std::mem::take(&mut valid.requests))?;
     let choices = receivers.len();
@@ -44,9 +44,13 @@ pub async fn handler(
             choices,
             finished: 0,
         };
-        return Ok(sse::respond(generation::merge(receivers), chunker));
+        return Ok(sse::respond(
+            generation::merge(receivers),
+            chunker,
+            state.stop_signal(),
+        ));
     }
-    let outputs = generation::collect_all(receivers).await?;
+    let outputs = generation::collect_all(receivers, state.stop_signal()).await?;
     let completion_tokens = outputs.iter().map(|o| o.usage.completion_tokens).sum();
     let body = ChatCompletion {
         id: meta.id,
@@ -172,6 +176,7 @@ mod tests {
 
     use super::*;
     use crate::engine::{Timing, Usage as EngineUsage};
+    use crate::server::state::StopSignal;
     use crate::stopping::FinishReason;
 
     fn chunker(choices: usize) -> ChatChunker {
@@ -208,7 +213,7 @@ mod tests {
 
     /// The `data:` payloads of a streamed response.
     async fn data(events: Vec<(usize, Event)>, c: ChatChunker) -> Vec<String> {
-        let response = sse::respond(stream::iter(events), c);
+        let response = sse::respond(stream::iter(events), c, StopSignal::never());
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .expect("body");
@@ -255,6 +260,31 @@ mod tests {
         assert_eq!(error["error"]["type"], "server_error");
         assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
         assert!(!data.iter().any(|d| d.contains("never sent")));
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_stream_with_an_error_then_done() {
+        let state = AppState::new(
+            crate::server::ServerConfig::new("m"),
+            std::sync::Arc::new(crate::metrics::Metrics::default()),
+        );
+        state.stop_in_flight();
+        // No event ever comes: only the stop ends this stream.
+        let response = sse::respond(
+            stream::pending::<(usize, Event)>(),
+            chunker(1),
+            state.stop_signal(),
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let data: Vec<String> = String::from_utf8_lossy(&body)
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+            .collect();
+        assert_eq!(data.len(), 3, "{data:?}");
+        assert_eq!(json(&data[1])["error"]["code"], "server_shutting_down");
+        assert_eq!(data[2], "[DONE]");
     }
 
     #[tokio::test]

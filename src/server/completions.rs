@@ -28,7 +28,7 @@ pub async fn handler(
     let meta = Meta::new("cmpl", &served);
     let mut valid = {
         let ready = ready.clone();
-        super::off_runtime(move || validate::completion(req, &ready, &served)).await?
+        super::off_runtime(&state, move || validate::completion(req, &ready, &served)).await?
     };
     let receivers = generation::submit_all(&ready.engine, std::mem::take(&mut valid.requests))?;
     let choices = receivers.len();
@@ -47,9 +47,13 @@ pub async fn handler(
             choices,
             finished: 0,
         };
-        return Ok(sse::respond(generation::merge(receivers), chunker));
+        return Ok(sse::respond(
+            generation::merge(receivers),
+            chunker,
+            state.stop_signal(),
+        ));
     }
-    let outputs = generation::collect_all(receivers).await?;
+    let outputs = generation::collect_all(receivers, state.stop_signal()).await?;
     let completion_tokens = outputs.iter().map(|o| o.usage.completion_tokens).sum();
     let choices = outputs
         .into_iter()

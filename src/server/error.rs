@@ -121,6 +121,28 @@ impl AppError {
         )
     }
 
+    /// 415: a JSON endpoint got a body that does not say it is JSON. Browsers
+    /// send `text/plain` and form bodies cross-site without asking first;
+    /// requiring `application/json` makes them ask (a CORS preflight).
+    pub fn unsupported_media_type(given: Option<&str>) -> Self {
+        let given = match given {
+            Some(t) => format!("Given: {t:?}"),
+            None => "None was given".to_owned(),
+        };
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            INVALID_REQUEST,
+            Some("unsupported_media_type"),
+            format!("The body must be sent with `Content-Type: application/json`. {given}."),
+        )
+    }
+
+    /// 403: a browser page of another site (`Origin`), or a name the server
+    /// does not answer to (`Host`, DNS rebinding).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, INVALID_REQUEST, Some(code), message)
+    }
+
     /// 429: the engine's queue is full.
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self::new(
@@ -138,6 +160,17 @@ impl AppError {
             "server_error",
             Some("model_loading"),
             "The model is still loading; retry shortly.",
+        )
+    }
+
+    /// 503: the server is shutting down and its grace period for requests
+    /// in flight has run out.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("server_shutting_down"),
+            "The server is shutting down and stopped this request before it finished.",
         )
     }
 

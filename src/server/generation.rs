@@ -14,6 +14,7 @@ use crate::engine::{EngineHandle, Event, Request, TokenLogprob, Usage};
 use crate::stopping::FinishReason;
 
 use super::error::AppError;
+use super::state::StopSignal;
 
 /// Queues every choice, or none: when one is refused (a full queue), the
 /// receivers of those already queued are dropped, which cancels them.
@@ -70,11 +71,17 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<ChoiceOutput, A
     Err(engine_stopped())
 }
 
-/// Runs every choice to its end; the first failure drops (cancels) the rest.
+/// Runs every choice to its end; the first failure drops (cancels) the
+/// rest, and so does `stop` firing (a 503: the server is shutting down).
 pub async fn collect_all(
     receivers: Vec<UnboundedReceiver<Event>>,
+    stop: StopSignal,
 ) -> Result<Vec<ChoiceOutput>, AppError> {
-    try_join_all(receivers.into_iter().map(collect)).await
+    tokio::select! {
+        biased;
+        () = stop.fired() => Err(AppError::shutting_down()),
+        outputs = try_join_all(receivers.into_iter().map(collect)) => outputs,
+    }
 }
 
 /// Every choice's events in arrival order, tagged with the choice's index.

@@ -31,10 +31,12 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use error::AppError;
-pub use state::{AppState, Defaults, Ready, ServerConfig};
+pub use middleware::loopback_hosts;
+pub use state::{AppState, Defaults, Ready, ServerConfig, StopSignal};
 
-/// Every route, with the API key check on `/v1/*`, the body limit, CORS
-/// when configured, and responses counted by status.
+/// Every route, with foreign origins and hosts refused, the API key check on
+/// `/v1/*`, the body limit, CORS when configured, and responses counted by
+/// status.
 pub fn router(state: AppState) -> Router {
     let config = state.config();
     let v1 = Router::new()
@@ -55,21 +57,40 @@ pub fn router(state: AppState) -> Router {
     if let Some(cors) = middleware::cors(&config.cors_allow_origins) {
         app = app.layer(cors);
     }
+    // Outside CORS, so a foreign origin's preflight is refused too; inside
+    // the counting, so refusals show in /metrics.
     app.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        middleware::refuse_foreign,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
         state.clone(),
         middleware::count_requests,
     ))
     .with_state(state)
 }
 
-/// Runs CPU work (templates, tokenization) off the async runtime. A panic
-/// there is a 500 for this request; the server keeps serving.
-async fn off_runtime<T, F>(f: F) -> Result<T, AppError>
+/// Runs CPU work (templates, tokenization) off the async runtime, at most
+/// [`AppState::validation_permits`] at once: the work is CPU-bound, and
+/// each template render may hold its whole budget of memory (tens of MiB
+/// under a hostile template), so the blocking pool's 512 threads must not
+/// all render at once. A panic there is a 500 for this request; the
+/// server keeps serving.
+async fn off_runtime<T, F>(state: &AppState, f: F) -> Result<T, AppError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, AppError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
+    let permit = state
+        .validation_permits()
+        .clone()
+        .acquire_owned()
         .await
-        .map_err(|e| AppError::internal(format!("a request task failed: {e}")))?
+        .map_err(|e| AppError::internal(format!("a request task failed: {e}")))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|e| AppError::internal(format!("a request task failed: {e}")))?
 }

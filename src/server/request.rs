@@ -170,9 +170,15 @@ impl FromRequest<AppState> for CompletionRequest {
     }
 }
 
-/// Reads the body, refusing at once one whose declared length is over the
-/// limit (the router's `DefaultBodyLimit` catches bodies that lie).
+/// Reads the body, refusing at once one that is not declared JSON (415) or
+/// whose declared length is over the limit (the router's `DefaultBodyLimit`
+/// catches bodies that lie).
 async fn read_body(req: Request, state: &AppState) -> Result<Bytes, AppError> {
+    let content_type = req.headers().get(header::CONTENT_TYPE);
+    if !content_type.is_some_and(is_json) {
+        let given = content_type.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        return Err(AppError::unsupported_media_type(given.as_deref()));
+    }
     let limit = state.config().body_limit;
     let declared = req
         .headers()
@@ -192,8 +198,22 @@ async fn read_body(req: Request, state: &AppState) -> Result<Bytes, AppError> {
     })
 }
 
-/// Parses JSON with axum's extractor logic (serde path in the message), the
-/// content type not required: some clients omit it.
+/// `application/json`, with or without parameters (`; charset=utf-8`).
+///
+/// Required because a browser sends a cross-site POST whose type is
+/// `text/plain`, form-encoded or absent without a CORS preflight: any page
+/// a user visits could otherwise make their local server generate. A JSON
+/// type makes the browser ask first, and `--cors-allow-origin` answers.
+fn is_json(value: &header::HeaderValue) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+}
+
+/// Parses JSON with axum's extractor logic (serde path in the message); the
+/// content type was checked by [`read_body`].
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     Json::<T>::from_bytes(bytes)
         .map(|Json(v)| v)
@@ -244,6 +264,17 @@ mod tests {
         }
         let e = parse::<CompletionFields>(br#"{"prompt": 3}"#).unwrap_err();
         assert_eq!(e.detail.param.as_deref(), Some("prompt"), "{e:?}");
+    }
+
+    #[test]
+    fn only_json_content_types_are_json() {
+        let json = |v: &'static str| is_json(&header::HeaderValue::from_static(v));
+        assert!(json("application/json"));
+        assert!(json("Application/JSON; charset=utf-8"));
+        assert!(!json("text/plain"));
+        assert!(!json("application/x-www-form-urlencoded"));
+        assert!(!json("multipart/form-data; boundary=x"));
+        assert!(!json("application/jsonp"));
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, Ap
             object: "model",
             created: ready.created,
             owned_by: "taper",
-            max_model_len: ready.pipeline().context_len(),
+            max_model_len: ready.context_len,
         }],
     }))
 }

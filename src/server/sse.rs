@@ -6,10 +6,14 @@
 //!
 //! The body stream owns the engine receivers: when the client disconnects,
 //! hyper drops the body, the receivers go with it, and the engine cancels
-//! the generation at its next step.
+//! the generation at its next step. When the server's shutdown grace period
+//! runs out ([`StopSignal`]), the stream ends the same way as on a failure:
+//! an error event, then `[DONE]`, then the end of the body.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +24,7 @@ use crate::engine::Event;
 
 use super::error::AppError;
 use super::generation::engine_stopped;
+use super::state::StopSignal;
 
 /// Turns one request's engine events into OpenAI stream chunks.
 pub trait Chunker: Send + 'static {
@@ -45,6 +50,7 @@ struct Driver<S, C> {
     events: Option<S>,
     chunker: C,
     queue: VecDeque<String>,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl<S, C> Driver<S, C> {
@@ -54,8 +60,9 @@ impl<S, C> Driver<S, C> {
     }
 }
 
-/// The SSE response for a stream of `(choice, event)`.
-pub fn respond<S, C>(events: S, mut chunker: C) -> Response
+/// The SSE response for a stream of `(choice, event)`, ended early when
+/// `stop` fires.
+pub fn respond<S, C>(events: S, mut chunker: C, stop: StopSignal) -> Response
 where
     S: Stream<Item = (usize, Event)> + Send + Unpin + 'static,
     C: Chunker,
@@ -65,6 +72,7 @@ where
         events: Some(events),
         chunker,
         queue,
+        stop: Box::pin(stop.fired()),
     };
     let body = stream::unfold(driver, |mut d| async move {
         loop {
@@ -72,7 +80,17 @@ where
                 return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), d));
             }
             let events = d.events.as_mut()?;
-            match events.next().await {
+            // The stop signal first: once it fires, nothing more is sent.
+            let next = tokio::select! {
+                biased;
+                () = &mut d.stop => {
+                    d.queue.push_back(AppError::shutting_down().to_json());
+                    d.close();
+                    continue;
+                }
+                next = events.next() => next,
+            };
+            match next {
                 Some((choice, event)) => match d.chunker.event(choice, event) {
                     Ok(chunks) => {
                         d.queue.extend(chunks);

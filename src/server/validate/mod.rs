@@ -175,6 +175,17 @@ pub fn completion(
     common.build(prompts, logprobs, echo, "prompt", ready)
 }
 
+/// The roles of OpenAI's chat API. Templates skip roles they do not know
+/// without a word, so another role would vanish from the prompt.
+pub const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
 fn to_message(i: usize, m: WireMessage) -> Result<Message, AppError> {
     if m.role.trim().is_empty() {
         return Err(AppError::invalid(
@@ -182,8 +193,28 @@ fn to_message(i: usize, m: WireMessage) -> Result<Message, AppError> {
             format!("`messages[{i}].role` must not be empty."),
         ));
     }
+    if !ROLES.contains(&m.role.as_str()) {
+        return Err(AppError::invalid(
+            &format!("messages[{i}].role"),
+            format!(
+                "`messages[{i}].role` must be one of {}. Given: {:?}",
+                ROLES.join(", "),
+                m.role
+            ),
+        ));
+    }
     let content = match m.content {
-        None => String::new(),
+        // Only an assistant turn that called tools may come without text.
+        None if m.role == "assistant" => String::new(),
+        None => {
+            return Err(AppError::invalid(
+                &format!("messages[{i}].content"),
+                format!(
+                    "`messages[{i}].content` must be a string or a list of content parts for a {} message. Given: null",
+                    m.role
+                ),
+            ))
+        }
         Some(Content::Text(s)) => s,
         Some(Content::Parts(parts)) => {
             let mut texts = Vec::with_capacity(parts.len());

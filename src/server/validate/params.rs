@@ -3,7 +3,6 @@
 //! defaults, and the engine requests built from them, one per choice.
 
 use crate::engine::Request;
-use crate::pipeline::Pipeline;
 use crate::sampling::SamplingParams;
 use crate::stopping::StopConditions;
 use crate::Error;
@@ -170,10 +169,30 @@ impl Common {
         ready: &Ready,
     ) -> Result<ValidRequest, AppError> {
         let pipeline = ready.pipeline();
-        let mut requests = Vec::with_capacity(prompts.len() * self.n);
+        let choices = prompts.len() * self.n;
+        if let Some(capacity) = ready.capacity.filter(|&c| choices > c) {
+            // Every choice is a request in the engine; a 429 would send the
+            // client retrying something that cannot fit even when idle.
+            let asked = if prompts.len() > 1 {
+                format!(
+                    "{} prompts x `n` {} = {choices} choices",
+                    prompts.len(),
+                    self.n
+                )
+            } else {
+                format!("`n` is {choices}")
+            };
+            return Err(AppError::invalid(
+                "n",
+                format!(
+                    "`n` times the number of prompts must be <= {capacity}, the requests this server runs or queues at once (--max-batch + --max-queue). Given: {asked}"
+                ),
+            ));
+        }
+        let mut requests = Vec::with_capacity(choices);
         for prompt in &prompts {
             let max_new_tokens = self
-                .max_new_tokens(pipeline, prompt.ids.len(), ready)
+                .max_new_tokens(prompt.ids.len(), ready)
                 .map_err(|e| e.or_param(prompt_param))?;
             for i in 0..self.n {
                 let mut sampling = self.sampling.clone();
@@ -204,28 +223,40 @@ impl Common {
     }
 
     /// The request's `max_tokens` if the prompt and it fit the context (never
-    /// truncated); without one, the default clamped to what fits.
-    fn max_new_tokens(
-        &self,
-        pipeline: &Pipeline,
-        prompt_len: usize,
-        ready: &Ready,
-    ) -> Result<usize, AppError> {
-        let context = pipeline.context_len();
+    /// truncated); without one, the default clamped to what fits. The
+    /// context is the server's ([`Ready::context_len`]): a sequence the KV
+    /// budget cannot hold would only fail later, in the engine.
+    fn max_new_tokens(&self, prompt_len: usize, ready: &Ready) -> Result<usize, AppError> {
+        let context = ready.context_len;
+        let what = if ready.kv_limited() {
+            format!(
+                "the {context} positions this server's KV cache holds (--kv-cache-mem; the model's context is {})",
+                ready.pipeline().context_len()
+            )
+        } else {
+            format!("the model's context of {context} tokens")
+        };
+        if prompt_len == 0 {
+            return Err(Error::InvalidRequest("the prompt is empty".into()).into());
+        }
         match self.max_tokens {
             Some(m) => {
-                pipeline.check_fits(prompt_len, m)?;
-                Ok(m)
-            }
-            None => {
-                pipeline.check_fits(prompt_len, 0)?;
-                let room = context - prompt_len;
-                if room == 0 {
+                if prompt_len.saturating_add(m) > context {
                     return Err(Error::ContextLength(format!(
-                        "the prompt ({prompt_len} tokens) fills the model's context of {context} tokens, leaving no room for new tokens"
+                        "the prompt ({prompt_len} tokens) plus max_tokens ({m}) exceeds {what}"
                     ))
                     .into());
                 }
+                Ok(m)
+            }
+            None => {
+                if prompt_len >= context {
+                    return Err(Error::ContextLength(format!(
+                        "the prompt ({prompt_len} tokens) leaves no room for new tokens in {what}"
+                    ))
+                    .into());
+                }
+                let room = context - prompt_len;
                 Ok(ready.defaults.max_tokens.map_or(room, |d| d.min(room)))
             }
         }
