@@ -1346,6 +1346,8 @@ fn cross_site_requests_are_refused() {
 
     // Loopback names with any port, the allowed origin, and charset
     // parameters are served.
+    // So is a page the server itself serves posting back (same origin).
+    let own = format!("Origin: http://localhost:{}\r\n", s.port);
     for (host_name, origin) in [
         (format!("localhost:{}", s.port), ""),
         ("localhost".to_owned(), ""),
@@ -1354,6 +1356,7 @@ fn cross_site_requests_are_refused() {
             format!("127.0.0.1:{}", s.port),
             "Origin: https://ok.example\r\n",
         ),
+        (format!("localhost:{}", s.port), own.as_str()),
     ] {
         let (status, reply) = raw_request(
             s.port,
