@@ -207,6 +207,19 @@ impl Server {
             .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{text}"))
     }
 
+    /// Waits (30 s at most) for the process to exit, and checks it exited 0.
+    fn assert_exits_successfully(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "exit status {status}");
+    }
+
     /// Polls until `check` holds (10 s at most).
     fn eventually(&self, what: &str, check: impl Fn(&Server) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1226,15 +1239,7 @@ fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     assert!(seen.contains("\"completion_tokens\":400"), "{seen}");
     assert!(seen.contains("data: [DONE]"), "{seen}");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = s.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the server did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "exit status {status}");
+    s.assert_exits_successfully();
 }
 
 #[test]
@@ -1613,15 +1618,7 @@ fn at_the_shutdown_timeout_streams_end_with_an_error_and_waiting_requests_get_50
     assert_eq!(status, 503, "{reply}");
     assert!(reply.contains("server_shutting_down"), "{reply}");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = s.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the server did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "exit status {status}");
+    s.assert_exits_successfully();
 }
 
 #[test]
