@@ -185,6 +185,7 @@ pub fn model_config(f: &GgufFile) -> Result<ModelConfig> {
         final_logit_softcap,
         fused_qkv: arch == Architecture::Phi3,
         fused_gate_up: arch == Architecture::Phi3,
+        moe: None,
         bos_token_id: f.token_id("tokenizer.ggml.bos_token_id")?,
         eos_token_ids,
         source: f.path().to_path_buf(),

@@ -15,13 +15,14 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{LayerAttention, ModelConfig};
+use crate::config::{LayerAttention, ModelConfig, MoeNaming};
 use crate::cpu_attention::{self, Visibility};
 use crate::kv_cache::SeqKvCache;
 use crate::models::layers::{
     apply_rope, compute_dtype, grouped_attention, soft_cap, Embedding, Linear, Mlp, RmsNorm,
     RotaryEmbedding,
 };
+use crate::models::moe::MoeBlock;
 use crate::quant::Quant;
 use crate::weights::TensorSource;
 use crate::{Error, Result};
@@ -65,9 +66,38 @@ struct Layer {
     /// The norm before the MLP (Llama's `post_attention_layernorm`,
     /// Gemma's `pre_feedforward_layernorm`).
     pre_mlp_norm: RmsNorm,
-    mlp: Mlp,
+    ffn: FeedForward,
     /// Gemma: normalises the MLP output before the residual add.
     post_mlp_norm: Option<RmsNorm>,
+}
+
+/// A layer's feed-forward part.
+enum FeedForward {
+    Dense(Mlp),
+    /// Mixture of experts (`models::moe`).
+    Moe(MoeBlock),
+}
+
+impl FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(m) => m.forward(x),
+            FeedForward::Moe(m) => m.forward(x),
+        }
+    }
+}
+
+impl Layer {
+    /// Every projection of the layer, experts and router included.
+    fn linears(&self) -> Vec<&Linear> {
+        let a = &self.attn;
+        let mut all = vec![&a.q, &a.k, &a.v, &a.o];
+        match &self.ffn {
+            FeedForward::Dense(m) => all.extend([&m.gate, &m.up, &m.down]),
+            FeedForward::Moe(m) => all.extend(m.linears()),
+        }
+        all
+    }
 }
 
 /// A loaded model, ready to run forward passes.
@@ -231,23 +261,67 @@ impl Decoder {
                 matches!(kind, LayerAttention::Sliding { .. }) && c.rope_local.is_some(),
             );
 
-            let inter = c.intermediate_size;
-            let (gate, up) = if c.fused_gate_up {
-                let name = format!("{p}.mlp.gate_up_proj.weight");
-                let [gate, up] = split_parts(fused(&name, &[inter, inter])?)?;
-                (gate, up)
-            } else {
-                (
-                    linear(&format!("{p}.mlp.gate_proj"), h, inter, c.mlp_bias)?,
-                    linear(&format!("{p}.mlp.up_proj"), h, inter, c.mlp_bias)?,
-                )
-            };
-            let down = linear(&format!("{p}.mlp.down_proj"), inter, h, c.mlp_bias)?;
-            let mlp = Mlp {
-                gate,
-                up,
-                down,
-                activation: c.activation,
+            let sparse = c
+                .moe
+                .as_ref()
+                .filter(|m| m.sparse_layers.get(i).copied().unwrap_or(false));
+            let ffn = match sparse {
+                Some(moe) => {
+                    let inter = moe.expert_intermediate_size;
+                    let (block, [w_gate, w_up, w_down]) = match moe.naming {
+                        MoeNaming::Qwen => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+                        MoeNaming::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+                    };
+                    // The router stays dense: it is small, and a quantized
+                    // router would move tokens between experts.
+                    let router = Linear::load(
+                        store,
+                        &format!("{p}.{block}.gate"),
+                        h,
+                        moe.num_experts,
+                        false,
+                        dtype,
+                        device,
+                        Quant::None,
+                    )?;
+                    let experts = (0..moe.num_experts)
+                        .map(|e| {
+                            let x = format!("{p}.{block}.experts.{e}");
+                            Ok(Mlp {
+                                gate: linear(&format!("{x}.{w_gate}"), h, inter, false)?,
+                                up: linear(&format!("{x}.{w_up}"), h, inter, false)?,
+                                down: linear(&format!("{x}.{w_down}"), inter, h, false)?,
+                                activation: c.activation,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    FeedForward::Moe(MoeBlock {
+                        router,
+                        experts,
+                        top_k: moe.top_k,
+                        norm_topk_prob: moe.norm_topk_prob,
+                    })
+                }
+                None => {
+                    let inter = c.intermediate_size;
+                    let (gate, up) = if c.fused_gate_up {
+                        let name = format!("{p}.mlp.gate_up_proj.weight");
+                        let [gate, up] = split_parts(fused(&name, &[inter, inter])?)?;
+                        (gate, up)
+                    } else {
+                        (
+                            linear(&format!("{p}.mlp.gate_proj"), h, inter, c.mlp_bias)?,
+                            linear(&format!("{p}.mlp.up_proj"), h, inter, c.mlp_bias)?,
+                        )
+                    };
+                    let down = linear(&format!("{p}.mlp.down_proj"), inter, h, c.mlp_bias)?;
+                    FeedForward::Dense(Mlp {
+                        gate,
+                        up,
+                        down,
+                        activation: c.activation,
+                    })
+                }
             };
 
             let (post_attn_norm, pre_mlp_norm, post_mlp_norm) = if c.sandwich_norms {
@@ -278,7 +352,7 @@ impl Decoder {
                 },
                 post_attn_norm,
                 pre_mlp_norm,
-                mlp,
+                ffn,
                 post_mlp_norm,
             });
         }
@@ -346,8 +420,7 @@ impl Decoder {
             n += self.lm_head.num_weights();
         }
         for l in &self.layers {
-            let a = &l.attn;
-            for lin in [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down] {
+            for lin in l.linears() {
                 n += lin.num_weights();
             }
             n += c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
@@ -366,10 +439,7 @@ impl Decoder {
     /// may mix several (Q4_K_M: Q4_K and Q6_K).
     pub fn projection_formats(&self) -> Vec<Quant> {
         let mut formats = Vec::new();
-        let layers = self.layers.iter().flat_map(|l| {
-            let a = &l.attn;
-            [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down]
-        });
+        let layers = self.layers.iter().flat_map(Layer::linears);
         for lin in layers.chain([&self.lm_head]) {
             let f = lin.format();
             if f != Quant::None && !formats.contains(&f) {
@@ -404,8 +474,7 @@ impl Decoder {
             n += self.lm_head.weight_bytes();
         }
         for l in &self.layers {
-            let a = &l.attn;
-            for lin in [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down] {
+            for lin in l.linears() {
                 n += lin.weight_bytes();
             }
             n += 4 * c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
@@ -558,7 +627,7 @@ impl Decoder {
             x = (residual + attn)?;
             let residual = x.clone();
             let h = layer.pre_mlp_norm.forward(&x)?;
-            let mut m = layer.mlp.forward(&h)?;
+            let mut m = layer.ffn.forward(&h)?;
             if let Some(n) = &layer.post_mlp_norm {
                 m = n.forward(&m)?;
             }

@@ -17,8 +17,17 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every fixture model.
-pub const MODELS: [&str; 8] = [
-    "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+pub const MODELS: [&str; 10] = [
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "qwen3_moe",
+    "mixtral",
 ];
 
 /// The safetensors weight files of a fixture (sharded or single), found the
