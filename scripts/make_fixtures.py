@@ -1,7 +1,8 @@
 """Make the tiny random-weight model fixtures under tests/fixtures/models/.
 
 What it makes, one directory per architecture (llama, llama3, mistral, qwen2,
-qwen3, phi3, gemma2, gemma3, qwen3_moe, mixtral), laid out like a Hub
+qwen3, phi3, gemma2, gemma3, qwen3_moe, mixtral, granite, smollm3, olmo2),
+laid out like a Hub
 repository (`make_fixtures.py NAME ...` remakes only those):
 
     config.json, generation_config.json,
@@ -63,12 +64,16 @@ from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GenerationConfig,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -77,6 +82,8 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,6 +349,33 @@ def specs(vocab: int, ids: dict[str, int]) -> list[dict]:
                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
             seed=10000,
             moe=True,
+        ),
+        dict(
+            name="granite",
+            cls=GraniteForCausalLM,
+            # Every multiplier away from 1 (Granite 3's are 12, 1/128, 0.22
+            # and 8 at full size).
+            config=GraniteConfig(**COMMON, **tok_ids, tie_word_embeddings=False,
+                                 embedding_multiplier=2.0, attention_multiplier=0.15,
+                                 residual_multiplier=0.6, logits_scaling=1.5,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            seed=11000,
+        ),
+        dict(
+            name="smollm3",
+            cls=SmolLM3ForCausalLM,
+            # The middle layer has no RoPE (no_rope_layers[i] = 0).
+            config=SmolLM3Config(**COMMON, **tok_ids, tie_word_embeddings=False,
+                                 no_rope_layers=[1, 0, 1], use_sliding_window=False,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            seed=12000,
+        ),
+        dict(
+            name="olmo2",
+            cls=Olmo2ForCausalLM,
+            config=Olmo2Config(**COMMON, **tok_ids, tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            seed=13000,
         ),
     ]
 
@@ -631,7 +665,7 @@ def main() -> None:
                                           for k, v in stats.items()))
     total = sum(f.stat().st_size for f in OUT_DIR.rglob("*") if f.is_file())
     print(f"total fixture size {total / 1e6:.2f} MB")
-    assert total < 12e6  # the MoE fixtures carry 5-6 experts per layer
+    assert total < 15e6  # the MoE fixtures carry 5-6 experts per layer
 
 
 if __name__ == "__main__":

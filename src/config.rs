@@ -27,11 +27,19 @@ pub enum Architecture {
     Qwen3Moe,
     /// Mistral's attention with mixture-of-experts feed-forward layers.
     Mixtral,
+    /// Llama with multipliers on the embeddings, attention scores,
+    /// residual branches and logits.
+    Granite,
+    /// Llama without RoPE on some layers (`no_rope_layers`).
+    SmolLM3,
+    /// Norms after attention and the MLP only, q/k norms over the whole
+    /// projections.
+    Olmo2,
 }
 
 impl Architecture {
     /// Every supported class name, for error messages.
-    pub const SUPPORTED: [&'static str; 9] = [
+    pub const SUPPORTED: [&'static str; 12] = [
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
@@ -41,6 +49,9 @@ impl Architecture {
         "Gemma3ForCausalLM",
         "Qwen3MoeForCausalLM",
         "MixtralForCausalLM",
+        "GraniteForCausalLM",
+        "SmolLM3ForCausalLM",
+        "Olmo2ForCausalLM",
     ];
 
     fn from_class(name: &str) -> Option<Self> {
@@ -54,6 +65,9 @@ impl Architecture {
             "Gemma3ForCausalLM" => Self::Gemma3,
             "Qwen3MoeForCausalLM" => Self::Qwen3Moe,
             "MixtralForCausalLM" => Self::Mixtral,
+            "GraniteForCausalLM" => Self::Granite,
+            "SmolLM3ForCausalLM" => Self::SmolLM3,
+            "Olmo2ForCausalLM" => Self::Olmo2,
             _ => return None,
         })
     }
@@ -70,6 +84,9 @@ impl Architecture {
             Self::Gemma3 => "Gemma3ForCausalLM",
             Self::Qwen3Moe => "Qwen3MoeForCausalLM",
             Self::Mixtral => "MixtralForCausalLM",
+            Self::Granite => "GraniteForCausalLM",
+            Self::SmolLM3 => "SmolLM3ForCausalLM",
+            Self::Olmo2 => "Olmo2ForCausalLM",
         }
     }
 
@@ -195,9 +212,23 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3).
     pub qk_norm: bool,
+    /// RMSNorm over the whole q and k projections instead (OLMo 2).
+    pub qk_norm_full: bool,
+    /// Norms before attention and the MLP (`input_layernorm` and
+    /// `post_attention_layernorm` / `pre_feedforward_layernorm`); OLMo 2
+    /// has only the norms after them.
+    pub pre_norms: bool,
+    /// Per layer: whether it rotates q and k (SmolLM3 skips every fourth).
+    pub rope_layers: Vec<bool>,
+    /// Granite: attention and MLP outputs are multiplied by this before
+    /// the residual add.
+    pub residual_scale: Option<f64>,
+    /// Granite: the logits are divided by this.
+    pub logit_divisor: Option<f64>,
     /// Gemma's RMSNorm multiplies by `1 + w` instead of `w`.
     pub norm_plus_one: bool,
-    /// Gemma's extra norms after attention and around the MLP.
+    /// Norms after attention and after the MLP (Gemma's, with its norms
+    /// before them too; OLMo 2's alone).
     pub sandwich_norms: bool,
     /// Gemma multiplies embeddings by `sqrt(hidden_size)`.
     pub embedding_scale: Option<f64>,
@@ -293,13 +324,26 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match arch {
             Architecture::Qwen2 => (true, false),
             Architecture::Llama
+            | Architecture::Granite
+            | Architecture::SmolLM3
+            | Architecture::Olmo2
             | Architecture::Qwen3
             | Architecture::Qwen3Moe
             | Architecture::Gemma2
             | Architecture::Gemma3 => (attention_bias, attention_bias),
             _ => (false, false),
         };
-        let mlp_bias = arch == Architecture::Llama && fields.opt_bool("mlp_bias")?.unwrap_or(false);
+        let mlp_bias = matches!(
+            arch,
+            Architecture::Llama | Architecture::Granite | Architecture::SmolLM3
+        ) && fields.opt_bool("mlp_bias")?.unwrap_or(false);
+        let granite = |name: &str| -> Result<Option<f64>> {
+            Ok(if arch == Architecture::Granite {
+                fields.opt_f64(name)?
+            } else {
+                None
+            })
+        };
 
         let attn_scale = if arch.is_gemma() {
             let s = fields
@@ -309,8 +353,35 @@ impl ModelConfig {
                 return Err(fields.err("query_pre_attn_scalar must be positive".into()));
             }
             s.powf(-0.5)
+        } else if let Some(m) = granite("attention_multiplier")? {
+            // Granite's scores are q·k times this (in place of 1/√d).
+            m
         } else {
             (head_dim as f64).powf(-0.5)
+        };
+        let rope_layers = match arch {
+            // `no_rope_layers[i]` is 1 where layer i *uses* RoPE; by default
+            // every `no_rope_layer_interval`-th layer (4) does not.
+            Architecture::SmolLM3 => match fields.get("no_rope_layers") {
+                Some(Value::Array(flags)) if flags.len() == num_layers => flags
+                    .iter()
+                    .map(|f| match f.as_u64() {
+                        Some(1) => Ok(true),
+                        Some(0) => Ok(false),
+                        _ => Err(fields.err(format!("no_rope_layers holds {f}, not 0 or 1"))),
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                Some(other) => {
+                    return Err(fields.err(format!(
+                        "no_rope_layers must list 0 or 1 for each of the {num_layers} layers, not {other}"
+                    )))
+                }
+                None => {
+                    let every = fields.opt_usize("no_rope_layer_interval")?.unwrap_or(4).max(1);
+                    (0..num_layers).map(|i| (i + 1) % every != 0).collect()
+                }
+            },
+            _ => vec![true; num_layers],
         };
         let softcap =
             |name: &str| -> Result<Option<f64>> { Ok(fields.opt_f64(name)?.filter(|c| *c > 0.0)) };
@@ -348,9 +419,17 @@ impl ModelConfig {
                 arch,
                 Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
             ),
+            qk_norm_full: arch == Architecture::Olmo2,
+            pre_norms: arch != Architecture::Olmo2,
+            rope_layers,
+            residual_scale: granite("residual_multiplier")?,
+            logit_divisor: granite("logits_scaling")?,
             norm_plus_one: arch.is_gemma(),
-            sandwich_norms: arch.is_gemma(),
-            embedding_scale: arch.is_gemma().then(|| (hidden_size as f64).sqrt()),
+            sandwich_norms: arch.is_gemma() || arch == Architecture::Olmo2,
+            embedding_scale: match granite("embedding_multiplier")? {
+                Some(m) => Some(m),
+                None => arch.is_gemma().then(|| (hidden_size as f64).sqrt()),
+            },
             attn_scale,
             attn_logit_softcap,
             final_logit_softcap,
@@ -833,7 +912,10 @@ impl Fields<'_> {
                 Some(w) if w > 0 => Ok(vec![LayerAttention::Sliding { window: w }; num_layers]),
                 _ => Ok(all_full),
             },
-            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => {
+            Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Qwen3Moe
+            | Architecture::SmolLM3 => {
                 if self.opt_bool("use_sliding_window")?.unwrap_or(false) {
                     let max_window_layers =
                         self.opt_usize("max_window_layers")?.unwrap_or(num_layers);
@@ -874,7 +956,7 @@ impl Fields<'_> {
                     })
                     .collect()
             }
-            Architecture::Llama => Ok(all_full),
+            Architecture::Llama | Architecture::Granite | Architecture::Olmo2 => Ok(all_full),
         }
     }
 }
@@ -954,6 +1036,37 @@ mod tests {
             "Mixtral's intermediate_size"
         );
         assert!(parse(base("LlamaForCausalLM"))?.moe.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn granite_smollm3_and_olmo2_switches() -> Result<()> {
+        let mut v = base("GraniteForCausalLM");
+        v["embedding_multiplier"] = json!(12.0);
+        v["attention_multiplier"] = json!(0.0078125);
+        v["residual_multiplier"] = json!(0.22);
+        v["logits_scaling"] = json!(8.0);
+        let c = parse(v)?;
+        assert_eq!(c.embedding_scale, Some(12.0));
+        assert_eq!(c.attn_scale, 0.0078125, "replaces 1/sqrt(head_dim)");
+        assert_eq!((c.residual_scale, c.logit_divisor), (Some(0.22), Some(8.0)));
+        // Llama reads none of them.
+        let mut v = base("LlamaForCausalLM");
+        v["residual_multiplier"] = json!(0.22);
+        let c = parse(v)?;
+        assert_eq!((c.residual_scale, c.embedding_scale), (None, None));
+
+        let mut v = base("SmolLM3ForCausalLM");
+        assert_eq!(parse(v.clone())?.rope_layers, vec![true, true, true, false]);
+        v["no_rope_layers"] = json!([1, 0, 1, 1]);
+        assert_eq!(parse(v.clone())?.rope_layers, vec![true, false, true, true]);
+        v["no_rope_layers"] = json!([1, 0]);
+        let err = parse(v).expect_err("one flag per layer").to_string();
+        assert!(err.contains("no_rope_layers"), "{err}");
+
+        let c = parse(base("Olmo2ForCausalLM"))?;
+        assert!(c.qk_norm_full && !c.qk_norm && !c.pre_norms && c.sandwich_norms);
+        assert!(c.rope_layers.iter().all(|&r| r));
         Ok(())
     }
 

@@ -191,6 +191,11 @@ pub fn model_config(f: &GgufFile) -> Result<ModelConfig> {
             arch,
             Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
         ),
+        qk_norm_full: false,
+        pre_norms: true,
+        rope_layers: vec![true; num_layers],
+        residual_scale: None,
+        logit_divisor: None,
         norm_plus_one: gemma,
         sandwich_norms: gemma,
         embedding_scale: gemma.then(|| (hidden_size as f64).sqrt()),

@@ -51,21 +51,25 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Per head, or over the whole projection (`ModelConfig::qk_norm_full`).
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// Whether q and k are rotated (SmolLM3 leaves some layers without).
+    rotary: bool,
     kind: LayerAttention,
     /// Index into the decoder's rotary tables (0: global, 1: local).
     rope: usize,
 }
 
 struct Layer {
-    input_norm: RmsNorm,
+    /// `None` for OLMo 2, which normalises only after each block.
+    input_norm: Option<RmsNorm>,
     attn: Attention,
     /// Gemma: normalises the attention output before the residual add.
     post_attn_norm: Option<RmsNorm>,
     /// The norm before the MLP (Llama's `post_attention_layernorm`,
-    /// Gemma's `pre_feedforward_layernorm`).
-    pre_mlp_norm: RmsNorm,
+    /// Gemma's `pre_feedforward_layernorm`; none in OLMo 2).
+    pre_mlp_norm: Option<RmsNorm>,
     ffn: FeedForward,
     /// Gemma: normalises the MLP output before the residual add.
     post_mlp_norm: Option<RmsNorm>,
@@ -88,6 +92,23 @@ impl FeedForward {
 }
 
 impl Layer {
+    /// Weights of every norm of the layer.
+    fn norm_weights(&self) -> usize {
+        let a = &self.attn;
+        [
+            &self.input_norm,
+            &self.post_attn_norm,
+            &self.pre_mlp_norm,
+            &self.post_mlp_norm,
+            &a.q_norm,
+            &a.k_norm,
+        ]
+        .into_iter()
+        .flatten()
+        .map(RmsNorm::num_weights)
+        .sum()
+    }
+
     /// Every projection of the layer, experts and router included.
     fn linears(&self) -> Vec<&Linear> {
         let a = &self.attn;
@@ -248,10 +269,15 @@ impl Decoder {
                 )
             };
             let o = linear(&format!("{p}.self_attn.o_proj"), q_dim, h, c.o_bias)?;
-            let (q_norm, k_norm) = if c.qk_norm {
+            let (q_norm, k_norm) = if c.qk_norm || c.qk_norm_full {
+                let (qw, kw) = if c.qk_norm_full {
+                    (q_dim, kv_dim)
+                } else {
+                    (hd, hd)
+                };
                 (
-                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?),
-                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?),
+                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), qw)?),
+                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), kw)?),
                 )
             } else {
                 (None, None)
@@ -325,21 +351,31 @@ impl Decoder {
             };
 
             let (post_attn_norm, pre_mlp_norm, post_mlp_norm) = if c.sandwich_norms {
+                let pre_mlp = if c.pre_norms {
+                    Some(norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?)
+                } else {
+                    None
+                };
                 (
                     Some(norm(&format!("{p}.post_attention_layernorm.weight"), h)?),
-                    norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+                    pre_mlp,
                     Some(norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?),
                 )
             } else {
                 (
                     None,
-                    norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                    Some(norm(&format!("{p}.post_attention_layernorm.weight"), h)?),
                     None,
                 )
             };
+            let input_norm = if c.pre_norms {
+                Some(norm(&format!("{p}.input_layernorm.weight"), h)?)
+            } else {
+                None
+            };
 
             layers.push(Layer {
-                input_norm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                input_norm,
                 attn: Attention {
                     q,
                     k,
@@ -347,6 +383,7 @@ impl Decoder {
                     o,
                     q_norm,
                     k_norm,
+                    rotary: c.rope_layers.get(i).copied().unwrap_or(true),
                     kind,
                     rope,
                 },
@@ -423,10 +460,7 @@ impl Decoder {
             for lin in l.linears() {
                 n += lin.num_weights();
             }
-            n += c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
-            if c.qk_norm {
-                n += 2 * c.head_dim;
-            }
+            n += l.norm_weights();
             if c.qkv_bias {
                 n += (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
             }
@@ -477,10 +511,7 @@ impl Decoder {
             for lin in l.linears() {
                 n += lin.weight_bytes();
             }
-            n += 4 * c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
-            if c.qk_norm {
-                n += 4 * 2 * c.head_dim;
-            }
+            n += 4 * l.norm_weights();
             if c.qkv_bias {
                 n += dsize * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
             }
@@ -616,22 +647,29 @@ impl Decoder {
             .map(|r| r.tables(&positions, self.dtype, &self.device))
             .collect::<Result<Vec<_>>>()?;
 
+        let norm = |n: &Option<RmsNorm>, x: &Tensor| match n {
+            Some(n) => n.forward(x),
+            None => Ok(x.clone()),
+        };
+        // Granite scales each block's output before the residual add.
+        let branch = |t: Tensor| -> Result<Tensor> {
+            Ok(match c.residual_scale {
+                Some(s) => (t * s)?,
+                None => t,
+            })
+        };
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
-            let h = layer.input_norm.forward(&x)?;
+            let h = norm(&layer.input_norm, &x)?;
             let (cos, sin) = &tables[layer.attn.rope];
-            let mut attn = self.attention(layer_idx, &layer.attn, &h, cos, sin, batch)?;
-            if let Some(n) = &layer.post_attn_norm {
-                attn = n.forward(&attn)?;
-            }
-            x = (residual + attn)?;
+            let attn = self.attention(layer_idx, &layer.attn, &h, cos, sin, batch)?;
+            let attn = norm(&layer.post_attn_norm, &attn)?;
+            x = (residual + branch(attn)?)?;
             let residual = x.clone();
-            let h = layer.pre_mlp_norm.forward(&x)?;
-            let mut m = layer.ffn.forward(&h)?;
-            if let Some(n) = &layer.post_mlp_norm {
-                m = n.forward(&m)?;
-            }
-            x = (residual + m)?;
+            let h = norm(&layer.pre_mlp_norm, &x)?;
+            let m = layer.ffn.forward(&h)?;
+            let m = norm(&layer.post_mlp_norm, &m)?;
+            x = (residual + branch(m)?)?;
         }
         for seq in batch.iter_mut() {
             seq.cache.advance(seq.tokens);
@@ -665,6 +703,9 @@ impl Decoder {
         let x = x.index_select(&rows, 0)?;
         let x = self.norm.forward(&x)?;
         let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        if let Some(d) = c.logit_divisor {
+            logits = (logits / d)?;
+        }
         if let Some(cap) = c.final_logit_softcap {
             logits = soft_cap(&logits, cap)?;
         }
@@ -696,16 +737,24 @@ impl Decoder {
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let groups = nh / nkv;
-        let [q, k, v] = Linear::forward_many([&a.q, &a.k, &a.v], h)?;
-        let mut q = q.reshape((t, nh, hd))?;
-        let mut k = k.reshape((t, nkv, hd))?;
-        let v = v.reshape((t, nkv, hd))?;
-        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+        let [mut q, mut k, v] = Linear::forward_many([&a.q, &a.k, &a.v], h)?;
+        let norms = a.q_norm.as_ref().zip(a.k_norm.as_ref());
+        if let (Some((qn, kn)), true) = (norms, c.qk_norm_full) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let mut q = q.reshape((t, nh, hd))?;
+        let mut k = k.reshape((t, nkv, hd))?;
+        let v = v.reshape((t, nkv, hd))?;
+        if let (Some((qn, kn)), false) = (norms, c.qk_norm_full) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let (q, k) = if a.rotary {
+            (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?)
+        } else {
+            (q, k)
+        };
 
         let mut outputs = Vec::with_capacity(batch.len());
         let mut offset = 0;

@@ -17,7 +17,7 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every fixture model.
-pub const MODELS: [&str; 10] = [
+pub const MODELS: [&str; 13] = [
     "llama",
     "llama3",
     "mistral",
@@ -28,6 +28,9 @@ pub const MODELS: [&str; 10] = [
     "gemma3",
     "qwen3_moe",
     "mixtral",
+    "granite",
+    "smollm3",
+    "olmo2",
 ];
 
 /// The safetensors weight files of a fixture (sharded or single), found the
