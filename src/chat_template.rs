@@ -72,11 +72,29 @@ const TOOL_USE_TEMPLATE: &str = "tool_use";
 /// One chat message as templates see it.
 ///
 /// Unknown fields are ignored on input (no `deny_unknown_fields`), so wire
-/// types can grow (tool calls, reasoning) without breaking this one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// types can grow without breaking this one. The optional fields are left
+/// out of what the template sees when absent, so `message.tool_calls is
+/// defined` is false on a plain turn, as in transformers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Message {
     pub role: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    /// An assistant turn's calls, as OpenAI's `tool_calls` (with each
+    /// `function.arguments` parsed into JSON when it parses, as the
+    /// templates that `tojson` it expect).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn: the function's name (some templates print it).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// An earlier assistant turn's thinking, sent back by the client
+    /// (Qwen3's template prints it for the turns after the last query).
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
 }
 
 impl Message {
@@ -84,8 +102,42 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
+}
+
+/// An assistant turn that only called tools has `content: none`, as
+/// transformers passes OpenAI's `null`: DeepSeek's template tests
+/// `message['content'] is none` to find tool-call turns.
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("role", &self.role)?;
+        if self.content.is_empty() && self.tool_calls.is_some() {
+            map.serialize_entry("content", &())?;
+        } else {
+            map.serialize_entry("content", &self.content)?;
+        }
+        if let Some(calls) = &self.tool_calls {
+            map.serialize_entry("tool_calls", calls)?;
+        }
+        if let Some(id) = &self.tool_call_id {
+            map.serialize_entry("tool_call_id", id)?;
+        }
+        if let Some(name) = &self.name {
+            map.serialize_entry("name", name)?;
+        }
+        if let Some(reasoning) = &self.reasoning_content {
+            map.serialize_entry("reasoning_content", reasoning)?;
+        }
+        map.end()
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 /// What a render needs besides the messages.
@@ -109,6 +161,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     /// Name of the template used unless tools select `tool_use`.
     default_name: String,
+    /// Every template's source, for [`ChatTemplate::mentions`].
+    sources: Vec<String>,
     has_tool_use: bool,
     /// `bos_token`, `eos_token`, ... as strings; absent when unset.
     special_tokens: BTreeMap<String, String>,
@@ -192,6 +246,13 @@ impl ChatTemplate {
             special_tokens,
             origin.into(),
         )
+    }
+
+    /// Whether any of the templates contains `needle`: how a model's
+    /// tool-call syntax and thinking tags are recognised (from what its
+    /// template writes, never from its name).
+    pub fn mentions(&self, needle: &str) -> bool {
+        self.sources.iter().any(|s| s.contains(needle))
     }
 
     /// The special tokens passed to the template (`bos_token`, ...).
@@ -278,6 +339,7 @@ impl ChatTemplate {
             .map(|(name, _)| name.clone())
             .unwrap_or_else(|| "default".to_string());
         let has_tool_use = templates.iter().any(|(name, _)| name == TOOL_USE_TEMPLATE);
+        let sources = templates.iter().map(|(_, source)| source.clone()).collect();
         for (name, source) in templates {
             // Compiling here surfaces syntax errors when the model loads,
             // not at the first request.
@@ -287,6 +349,7 @@ impl ChatTemplate {
         Ok(ChatTemplate {
             env,
             default_name,
+            sources,
             has_tool_use,
             special_tokens,
             origin,
