@@ -261,7 +261,21 @@ impl ChatTemplate {
     }
 
     /// Renders a conversation to the prompt text.
+    ///
+    /// Templates disagree on a call's `function.arguments`: Llama 3.1's
+    /// `tojson`s it and wants an object (what transformers documents and
+    /// vLLM passes), DeepSeek's concatenates it and wants the string. The
+    /// object goes first; a template that fails on it gets the strings.
     pub fn render(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        match self.render_once(messages, opts) {
+            Err(e) if messages.iter().any(|m| m.tool_calls.is_some()) => self
+                .render_once(&arguments_as_strings(messages), opts)
+                .map_err(|_| e),
+            other => other,
+        }
+    }
+
+    fn render_once(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
         // transformers rejects an empty conversation before rendering; most
         // templates would fail on `messages[0]` with a less helpful message.
         if messages.is_empty() {
@@ -355,6 +369,19 @@ impl ChatTemplate {
             origin,
         })
     }
+}
+
+/// `messages` with every call's `function.arguments` as JSON text.
+fn arguments_as_strings(messages: &[Message]) -> Vec<Message> {
+    let mut out = messages.to_vec();
+    for call in out.iter_mut().flat_map(|m| m.tool_calls.iter_mut().flatten()) {
+        if let Some(args) = call.pointer_mut("/function/arguments") {
+            if !args.is_string() {
+                *args = serde_json::Value::String(args.to_string());
+            }
+        }
+    }
+    out
 }
 
 /// The render's output, refused past [`MAX_OUTPUT_BYTES`] (minijinja stops at

@@ -226,24 +226,13 @@ impl Pipeline {
 
     /// Renders a conversation with the chat template (tools, template
     /// arguments) to the prompt text.
-    ///
-    /// Templates disagree on a call's `function.arguments`: Llama 3.1's
-    /// `tojson`s it and wants an object (what transformers documents and
-    /// vLLM passes), DeepSeek's concatenates it and wants the string. The
-    /// object goes first; a template that fails on it gets the strings.
     pub fn render_chat(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
         let template = self.template.as_ref().ok_or_else(|| {
             Error::InvalidRequest(
                 "this model has no chat template in tokenizer_config.json; pass one with --chat-template FILE, or use a raw prompt".into(),
             )
         })?;
-        match template.render(messages, opts) {
-            Err(e) if messages.iter().any(|m| m.tool_calls.is_some()) => {
-                let as_strings = arguments_as_strings(messages);
-                template.render(&as_strings, opts).map_err(|_| e)
-            }
-            other => other,
-        }
+        template.render(messages, opts)
     }
 
     /// Sampling defaults from generation_config.json, as `transformers`
@@ -264,22 +253,6 @@ impl Pipeline {
         }
         p
     }
-}
-
-/// `messages` with every call's `function.arguments` as a JSON string.
-fn arguments_as_strings(messages: &[Message]) -> Vec<Message> {
-    let mut out = messages.to_vec();
-    for call in out
-        .iter_mut()
-        .flat_map(|m| m.tool_calls.iter_mut().flatten())
-    {
-        if let Some(args) = call.pointer_mut("/function/arguments") {
-            if !args.is_string() {
-                *args = serde_json::Value::String(args.to_string());
-            }
-        }
-    }
-    out
 }
 
 /// The chat template: `--chat-template` first, then tokenizer_config.json's

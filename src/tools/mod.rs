@@ -148,11 +148,6 @@ impl ToolFormat {
         }
     }
 
-    /// Whether the template itself shows the model the tools (else taper
-    /// describes them, [`generic`]).
-    pub fn template_renders_tools(self) -> bool {
-        self != ToolFormat::Generic
-    }
 }
 
 /// The opening and closing tags of a model's thinking.
@@ -163,6 +158,9 @@ pub const THINK_CLOSE: &str = "</think>";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputSyntax {
     pub tool_format: ToolFormat,
+    /// The template prints an assistant turn's `tool_calls` itself (else
+    /// the generic format rewrites earlier calls and results as text).
+    pub template_renders_calls: bool,
     /// The model thinks in `<think>…</think>` (Qwen3, DeepSeek-R1 and its
     /// distills): its template or vocabulary has the closing tag.
     pub reasoning: bool,
@@ -196,9 +194,40 @@ impl OutputSyntax {
             .collect();
         OutputSyntax {
             tool_format,
+            template_renders_calls: template.is_some_and(|t| t.mentions("tool_calls")),
             reasoning,
             special_markers,
         }
+    }
+
+    /// The conversation and the template's `tools` variable for a request:
+    /// the tools go to a template that shows them (`None` otherwise, and
+    /// when `active` is false: `tool_choice: none` or no tools); a
+    /// template that ignores them gets the generic format's system prompt,
+    /// and, when it cannot print calls either, the history as text.
+    pub fn prepare(
+        &self,
+        mut messages: Vec<crate::chat_template::Message>,
+        tools: &[Tool],
+        choice: &ToolChoice,
+        parallel: bool,
+    ) -> (Vec<crate::chat_template::Message>, Option<serde_json::Value>) {
+        let active = !tools.is_empty() && *choice != ToolChoice::None;
+        if self.tool_format != ToolFormat::Generic {
+            let listed = active
+                .then(|| serde_json::Value::Array(tools.iter().map(Tool::to_json).collect()));
+            return (messages, listed);
+        }
+        if !self.template_renders_calls {
+            messages = generic::flatten_history(messages);
+        }
+        if active {
+            generic::add_system_prompt(
+                &mut messages,
+                &generic::system_prompt(tools, choice, parallel),
+            );
+        }
+        (messages, None)
     }
 
     /// The id of a format's (first) trigger when it is a special token, for
@@ -216,6 +245,7 @@ impl Default for OutputSyntax {
     fn default() -> Self {
         OutputSyntax {
             tool_format: ToolFormat::Generic,
+            template_renders_calls: false,
             reasoning: false,
             special_markers: Vec::new(),
         }

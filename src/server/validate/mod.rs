@@ -15,7 +15,7 @@ use crate::engine::Request;
 use crate::pipeline::Pipeline;
 use crate::tools::grammar::{tool_grammar, ToolGrammar};
 use crate::tools::parse::ParserConfig;
-use crate::tools::{generic, prompt_opens_thinking, Tool, ToolFormat};
+use crate::tools::prompt_opens_thinking;
 
 use super::error::AppError;
 use super::request::{ChatRequest, CompletionRequest, Content, Prompt, WireMessage};
@@ -117,7 +117,7 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
     }
     let kwargs = check_template_kwargs(chat.chat_template_kwargs)?;
     let tools = tools::check(chat.tools, chat.tool_choice, chat.parallel_tool_calls)?;
-    let mut messages = chat
+    let messages = chat
         .messages
         .into_iter()
         .enumerate()
@@ -126,16 +126,8 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
     let pipeline = ready.pipeline();
     let syntax = &pipeline.output;
     let format = syntax.tool_format;
-    if format == ToolFormat::Generic {
-        // The template cannot print calls or results: they become text.
-        messages = generic::flatten_history(messages);
-        if tools.active() {
-            let prompt = generic::system_prompt(&tools.tools, &tools.choice, tools.parallel);
-            generic::add_system_prompt(&mut messages, &prompt);
-        }
-    }
-    let template_tools = (tools.active() && format.template_renders_tools())
-        .then(|| serde_json::Value::Array(tools.tools.iter().map(Tool::to_json).collect()));
+    let (messages, template_tools) =
+        syntax.prepare(messages, &tools.tools, &tools.choice, tools.parallel);
     let opts = RenderOptions {
         add_generation_prompt: true,
         tools: template_tools.as_ref(),
