@@ -107,19 +107,14 @@ impl Message {
     }
 }
 
-/// An assistant turn that only called tools has `content: none`, as
-/// transformers passes OpenAI's `null`: DeepSeek's template tests
-/// `message['content'] is none` to find tool-call turns.
+/// The optional fields are left out when absent, so a template's
+/// `is defined` tests see what transformers would pass.
 impl Serialize for Message {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("role", &self.role)?;
-        if self.content.is_empty() && self.tool_calls.is_some() {
-            map.serialize_entry("content", &())?;
-        } else {
-            map.serialize_entry("content", &self.content)?;
-        }
+        map.serialize_entry("content", &self.content)?;
         if let Some(calls) = &self.tool_calls {
             map.serialize_entry("tool_calls", calls)?;
         }
@@ -266,16 +261,12 @@ impl ChatTemplate {
     /// `tojson`s it and wants an object (what transformers documents and
     /// vLLM passes), DeepSeek's concatenates it and wants the string. The
     /// object goes first; a template that fails on it gets the strings.
+    ///
+    /// An assistant turn that only called tools has `content: ""`, as vLLM
+    /// passes it (Qwen3's template tests `'</think>' in message.content`,
+    /// which fails on `none`), except for templates that find such turns
+    /// by `content is none` (DeepSeek's), which get `none`.
     pub fn render(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
-        match self.render_once(messages, opts) {
-            Err(e) if messages.iter().any(|m| m.tool_calls.is_some()) => self
-                .render_once(&arguments_as_strings(messages), opts)
-                .map_err(|_| e),
-            other => other,
-        }
-    }
-
-    fn render_once(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
         // transformers rejects an empty conversation before rendering; most
         // templates would fail on `messages[0]` with a less helpful message.
         if messages.is_empty() {
@@ -283,7 +274,51 @@ impl ChatTemplate {
                 "`messages` must contain at least one message".to_string(),
             ));
         }
+        if !messages.iter().any(|m| m.tool_calls.is_some()) {
+            return self.render_once(Value::from(Serde(messages)), opts);
+        }
+        let first = self.with_tool_turns(messages, false);
+        match self.render_once(first, opts) {
+            Err(e) => self
+                .render_once(self.with_tool_turns(messages, true), opts)
+                .map_err(|_| e),
+            ok => ok,
+        }
+    }
 
+    /// The messages as the template sees them when some carry calls.
+    fn with_tool_turns(&self, messages: &[Message], string_arguments: bool) -> Value {
+        let null_content = ["content is none", "content'] is none", "content\"] is none"]
+            .iter()
+            .any(|n| self.mentions(n));
+        let list: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or(serde_json::Value::Null);
+                if null_content && m.content.is_empty() && m.tool_calls.is_some() {
+                    v["content"] = serde_json::Value::Null;
+                }
+                if string_arguments {
+                    for call in v
+                        .get_mut("tool_calls")
+                        .and_then(|c| c.as_array_mut())
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(args) = call.pointer_mut("/function/arguments") {
+                            if !args.is_string() {
+                                *args = serde_json::Value::String(args.to_string());
+                            }
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        Value::from(Serde(list))
+    }
+
+    fn render_once(&self, messages: Value, opts: &RenderOptions) -> Result<String> {
         let mut ctx: BTreeMap<String, Value> = self
             .special_tokens
             .iter()
@@ -304,7 +339,7 @@ impl ChatTemplate {
                 ctx.insert(key.clone(), Value::from(Serde(value)));
             }
         }
-        ctx.insert("messages".into(), Value::from(Serde(messages)));
+        ctx.insert("messages".into(), messages);
         ctx.insert(
             "add_generation_prompt".into(),
             Value::from(opts.add_generation_prompt),
@@ -369,19 +404,6 @@ impl ChatTemplate {
             origin,
         })
     }
-}
-
-/// `messages` with every call's `function.arguments` as JSON text.
-fn arguments_as_strings(messages: &[Message]) -> Vec<Message> {
-    let mut out = messages.to_vec();
-    for call in out.iter_mut().flat_map(|m| m.tool_calls.iter_mut().flatten()) {
-        if let Some(args) = call.pointer_mut("/function/arguments") {
-            if !args.is_string() {
-                *args = serde_json::Value::String(args.to_string());
-            }
-        }
-    }
-    out
 }
 
 /// The render's output, refused past [`MAX_OUTPUT_BYTES`] (minijinja stops at

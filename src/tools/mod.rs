@@ -147,7 +147,6 @@ impl ToolFormat {
             ],
         }
     }
-
 }
 
 /// The opening and closing tags of a model's thinking.
@@ -211,11 +210,14 @@ impl OutputSyntax {
         tools: &[Tool],
         choice: &ToolChoice,
         parallel: bool,
-    ) -> (Vec<crate::chat_template::Message>, Option<serde_json::Value>) {
+    ) -> (
+        Vec<crate::chat_template::Message>,
+        Option<serde_json::Value>,
+    ) {
         let active = !tools.is_empty() && *choice != ToolChoice::None;
         if self.tool_format != ToolFormat::Generic {
-            let listed = active
-                .then(|| serde_json::Value::Array(tools.iter().map(Tool::to_json).collect()));
+            let listed =
+                active.then(|| serde_json::Value::Array(tools.iter().map(Tool::to_json).collect()));
             return (messages, listed);
         }
         if !self.template_renders_calls {
