@@ -479,7 +479,7 @@ fn read_llama3(text: &str, last: bool) -> Scan {
         let rest = &text[pos..];
         let lead = rest.len() - rest.trim_start().len();
         let rest = &rest[lead..];
-        if rest.is_empty() && !(last && !calls.is_empty()) {
+        if rest.is_empty() && (!last || calls.is_empty()) {
             return Scan::Incomplete;
         }
         if !rest.starts_with('{') {
