@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::engine::Event;
-use crate::tools::parse::{Delta as Parsed, OutputParser, ParserConfig, ToolCall};
+use crate::tools::parse::{
+    with_marker, Delta as ParsedDelta, OutputParser, Parsed, ParserConfig, ToolCall,
+};
 
 use super::error::AppError;
 use super::generation;
@@ -87,28 +89,13 @@ pub async fn handler(
     Ok(Json(body).into_response())
 }
 
-/// A token's text as the parser must see it: a special marker the
-/// detokenizer left out is put back after whatever text the token released.
-fn with_marker(markers: &[(u32, String)], id: u32, text: String) -> String {
-    match markers.iter().find(|(m, _)| *m == id) {
-        Some((_, marker)) => text + marker,
-        None => text,
-    }
-}
-
 /// A whole choice's message, from its tokens.
 fn message(
     cfg: &ParserConfig,
     markers: &[(u32, String)],
     pieces: &[(u32, String)],
 ) -> AssistantMessage {
-    let mut parser = OutputParser::new(cfg.clone());
-    let mut deltas = Vec::new();
-    for (id, text) in pieces {
-        deltas.extend(parser.push(&with_marker(markers, *id, text.clone())));
-    }
-    deltas.extend(parser.finish());
-    let parsed = crate::tools::parse::Parsed::fold(deltas);
+    let parsed = Parsed::from_tokens(cfg.clone(), markers, pieces);
     let calls: Vec<ToolCallOut> = parsed.calls.into_iter().map(call_out).collect();
     // OpenAI sends `null` content beside calls, and a string otherwise.
     let content = if !calls.is_empty() && parsed.content.trim().is_empty() {
@@ -164,19 +151,19 @@ impl ChatChunker {
     /// The stream deltas of parsed output. A call goes out as two deltas,
     /// OpenAI's shape: its id, type and name (empty arguments), then its
     /// arguments.
-    fn deltas(parsed: Vec<Parsed>) -> Vec<Delta> {
+    fn deltas(parsed: Vec<ParsedDelta>) -> Vec<Delta> {
         let mut out = Vec::new();
         for p in parsed {
             match p {
-                Parsed::Content(text) => out.push(Delta {
+                ParsedDelta::Content(text) => out.push(Delta {
                     content: Some(text),
                     ..Delta::default()
                 }),
-                Parsed::Reasoning(text) => out.push(Delta {
+                ParsedDelta::Reasoning(text) => out.push(Delta {
                     reasoning_content: Some(text),
                     ..Delta::default()
                 }),
-                Parsed::Call { index, call } => {
+                ParsedDelta::Call { index, call } => {
                     out.push(Delta {
                         tool_calls: Some(vec![ToolCallDelta {
                             index,

@@ -702,6 +702,15 @@ fn merge(deltas: Vec<Delta>) -> Vec<Delta> {
     out
 }
 
+/// A token's text as the parser must see it: a special marker the
+/// detokenizer left out is put back after whatever text the token released.
+pub fn with_marker(markers: &[(u32, String)], id: u32, text: String) -> String {
+    match markers.iter().find(|(m, _)| *m == id) {
+        Some((_, marker)) => text + marker,
+        None => text,
+    }
+}
+
 /// A whole choice's output: what a non-streamed response holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Parsed {
@@ -722,6 +731,23 @@ impl Parsed {
             }
         }
         p
+    }
+
+    /// Parses a whole output from its tokens: each token's id and the text
+    /// it completed, with the text of special `markers` the detokenizer
+    /// left out put back ([`with_marker`]).
+    pub fn from_tokens(
+        cfg: ParserConfig,
+        markers: &[(u32, String)],
+        pieces: &[(u32, String)],
+    ) -> Parsed {
+        let mut parser = OutputParser::new(cfg);
+        let mut deltas = Vec::new();
+        for (id, text) in pieces {
+            deltas.extend(parser.push(&with_marker(markers, *id, text.clone())));
+        }
+        deltas.extend(parser.finish());
+        Parsed::fold(deltas)
     }
 
     /// Parses a whole output at once.
