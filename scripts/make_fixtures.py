@@ -1,7 +1,7 @@
 """Make the tiny random-weight model fixtures under tests/fixtures/models/.
 
 What it makes, one directory per architecture (llama, llama3, mistral, qwen2,
-qwen3, phi3, gemma2, gemma3, qwen3_moe, mixtral, granite, smollm3, olmo2),
+qwen3, phi3, gemma2, gemma3, qwen3_moe, mixtral, llama_yarn, granite, smollm3, olmo2),
 laid out like a Hub
 repository (`make_fixtures.py NAME ...` remakes only those):
 
@@ -349,6 +349,19 @@ def specs(vocab: int, ids: dict[str, int]) -> list[dict]:
                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
             seed=10000,
             moe=True,
+        ),
+        dict(
+            name="llama_yarn",
+            cls=LlamaForCausalLM,
+            # YaRN over an original context of 128 (x4 = the 512 positions):
+            # with head_dim 16 the ramp spans dimensions 0..3 of 8, so
+            # frequencies are kept, blended and interpolated; attention
+            # factor 0.1·ln(4) + 1.
+            config=LlamaConfig(**COMMON, **tok_ids, tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                "factor": 4.0,
+                                                "original_max_position_embeddings": 128}),
+            seed=14000,
         ),
         dict(
             name="granite",

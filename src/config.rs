@@ -120,6 +120,19 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN: low frequencies interpolated by `factor`, high ones kept, a
+    /// linear ramp between the dimensions `beta_fast` and `beta_slow`
+    /// rotations mark over the original context, and cos/sin scaled by
+    /// `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        /// Round the ramp's ends to whole dimensions (the default).
+        truncate: bool,
+    },
     /// One divisor per frequency, given as numbers rather than a formula:
     /// how GGUF files carry Llama 3.1's scaling (llama.cpp's
     /// `rope_freqs.weight`).
@@ -509,6 +522,24 @@ impl ModelConfig {
                         )));
                     }
                 }
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings,
+                    beta_fast,
+                    beta_slow,
+                    attention_factor,
+                    ..
+                } => {
+                    positive("rope_scaling.factor", *factor).map_err(err)?;
+                    positive(
+                        "rope_scaling.original_max_position_embeddings",
+                        *original_max_position_embeddings,
+                    )
+                    .map_err(err)?;
+                    positive("rope_scaling.beta_fast", *beta_fast).map_err(err)?;
+                    positive("rope_scaling.beta_slow", *beta_slow).map_err(err)?;
+                    positive("rope_scaling.attention_factor", *attention_factor).map_err(err)?;
+                }
                 RopeScaling::Factors(factors) => {
                     if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
                         return Err(err(format!(
@@ -863,9 +894,45 @@ impl Fields<'_> {
                         high_freq_factor: num("high_freq_factor")?,
                         original_max_position_embeddings: num("original_max_position_embeddings")?,
                     },
+                    "yarn" => {
+                        let factor = num("factor")?;
+                        let opt = |k: &str| s.get(k).and_then(Value::as_f64);
+                        let original = match opt("original_max_position_embeddings") {
+                            Some(o) => o,
+                            // As `from_json` defaults it.
+                            None => {
+                                self.opt_usize("max_position_embeddings")?.unwrap_or(4096) as f64
+                            }
+                        };
+                        // transformers' get_mscale: 0.1·m·ln(factor) + 1.
+                        let mscale = |m: f64| {
+                            if factor <= 1.0 {
+                                1.0
+                            } else {
+                                0.1 * m * factor.ln() + 1.0
+                            }
+                        };
+                        let attention_factor = match (
+                            opt("attention_factor"),
+                            opt("mscale").filter(|m| *m != 0.0),
+                            opt("mscale_all_dim").filter(|m| *m != 0.0),
+                        ) {
+                            (Some(a), _, _) => a,
+                            (None, Some(m), Some(all)) => mscale(m) / mscale(all),
+                            _ => mscale(1.0),
+                        };
+                        RopeScaling::Yarn {
+                            factor,
+                            original_max_position_embeddings: original,
+                            beta_fast: opt("beta_fast").filter(|b| *b != 0.0).unwrap_or(32.0),
+                            beta_slow: opt("beta_slow").filter(|b| *b != 0.0).unwrap_or(1.0),
+                            attention_factor,
+                            truncate: s.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                        }
+                    }
                     other => {
                         return Err(self.err(format!(
-                            "rope scaling type '{other}' is not supported (supported: default, linear, llama3)"
+                            "rope scaling type '{other}' is not supported (supported: default, linear, llama3, yarn)"
                         )))
                     }
                 }
@@ -1108,9 +1175,41 @@ mod tests {
     #[test]
     fn unsupported_rope_type_is_an_error() {
         let mut v = base("LlamaForCausalLM");
-        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        v["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 4.0});
         let err = parse(v).unwrap_err().to_string();
-        assert!(err.contains("yarn"), "{err}");
+        assert!(err.contains("dynamic"), "{err}");
+    }
+
+    #[test]
+    fn yarn_takes_transformers_defaults() -> Result<()> {
+        let mut v = base("Qwen2ForCausalLM");
+        v["max_position_embeddings"] = json!(32768);
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
+        let RopeScaling::Yarn {
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+            ..
+        } = parse(v.clone())?.rope.scaling
+        else {
+            panic!("yarn");
+        };
+        assert_eq!(original_max_position_embeddings, 32768.0);
+        assert_eq!((beta_fast, beta_slow, truncate), (32.0, 1.0, true));
+        assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        // DeepSeek's mscale pair.
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 40.0, "mscale": 1.0,
+                                   "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096});
+        let RopeScaling::Yarn {
+            attention_factor, ..
+        } = parse(v)?.rope.scaling
+        else {
+            panic!("yarn");
+        };
+        assert_eq!(attention_factor, 1.0);
+        Ok(())
     }
 
     #[test]

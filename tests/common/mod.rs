@@ -17,7 +17,7 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every fixture model.
-pub const MODELS: [&str; 13] = [
+pub const MODELS: [&str; 14] = [
     "llama",
     "llama3",
     "mistral",
@@ -28,6 +28,7 @@ pub const MODELS: [&str; 13] = [
     "gemma3",
     "qwen3_moe",
     "mixtral",
+    "llama_yarn",
     "granite",
     "smollm3",
     "olmo2",
