@@ -232,15 +232,15 @@ def test_settings_are_sent_and_kept(page):
     expect(page.locator("#set-temperature")).to_have_value("0.3")
     expect(page.locator("#set-top-p")).to_have_value("0.8")
     expect(page.locator("#set-max-tokens")).to_have_value("5")
-    # Emptied fields go back to the server's defaults.
+    # An emptied field goes back to the server's default.
     page.fill("#set-temperature", "")
-    page.fill("#set-max-tokens", "")
+    page.fill("#set-max-tokens", "3")
     page.click("#save-settings")
     send(page, "Again")
-    wait_reply_done(page)
+    assert wait_reply_done(page).startswith("3 tokens")
     body = bodies[-1]
-    assert "temperature" not in body and "max_tokens" not in body, body
-    assert body["top_p"] == 0.8
+    assert "temperature" not in body, body
+    assert (body["top_p"], body["max_tokens"]) == (0.8, 3)
 
 
 def test_stop_mid_reply_frees_the_server(page, server):
