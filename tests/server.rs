@@ -1004,7 +1004,10 @@ fn the_chat_page_is_served_at_the_root_unless_turned_off() {
         let (status, text) = off.get(path);
         let reply: Value = serde_json::from_str(&text).expect("json");
         error_of(status, &reply, 404);
-        assert!(text.contains(&format!("Invalid URL (GET {path})")), "{text}");
+        assert!(
+            text.contains(&format!("Invalid URL (GET {path})")),
+            "{text}"
+        );
     }
 }
 

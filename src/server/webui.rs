@@ -91,7 +91,10 @@ fn serve(asset: &Asset, request: &HeaderMap) -> Response {
     }
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type)),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(asset.content_type),
+            ),
             (header::ETAG, etag),
         ],
         headers,
