@@ -76,6 +76,9 @@
           body.push(lines[i]);
           i++;
         }
+        if (i >= lines.length) {
+          while (body.length && !body[body.length - 1].trim()) body.pop();
+        }
         i++;
         out.push(codeBlock(m[2], body));
         continue;

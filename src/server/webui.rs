@@ -85,7 +85,8 @@ fn serve(asset: &Asset, request: &HeaderMap) -> Response {
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
-    let etag = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"0\""));
+    // Hex digits in quotes are always a valid header value.
+    let etag = HeaderValue::from_str(&etag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
     if fresh {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)], headers).into_response();
     }
