@@ -1,7 +1,7 @@
-//! `taper serve`: the OpenAI-compatible HTTP server. Binds at once and says
-//! where (`listening on http://HOST:PORT`, the real port when `--port 0`),
-//! loads the model on its own thread while `/health` answers 503, then
-//! serves until SIGINT/SIGTERM.
+//! `taper serve`: the OpenAI-compatible HTTP server and its chat page.
+//! Binds at once and says where (`listening on http://HOST:PORT`, the real
+//! port when `--port 0`), loads the model on its own thread while `/health`
+//! answers 503, then serves until SIGINT/SIGTERM.
 
 use std::sync::Arc;
 use std::time::Duration;
