@@ -245,6 +245,11 @@ impl RmsNorm {
         })
     }
 
+    /// Weights (one per normalised value).
+    pub fn num_weights(&self) -> usize {
+        self.scale.elem_count()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
