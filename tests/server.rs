@@ -968,6 +968,62 @@ fn unknown_models_and_routes_are_404() {
     s.ok("/v1/chat/completions", &body);
 }
 
+#[test]
+fn the_chat_page_is_served_at_the_root_unless_turned_off() {
+    // Issue 17: the page and its files, embedded, with their types and
+    // revalidation; no key needed for the page itself (it asks for one
+    // when /v1/* answers 401).
+    let s = Server::start(&["--api-key", "sesame"]);
+    let r = s.agent.get(&s.url("/")).call().expect("the page");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(r.header("cache-control"), Some("no-cache"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    let csp = r.header("content-security-policy").unwrap_or("").to_owned();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    let etag = r.header("etag").expect("an ETag").to_owned();
+    let page = r.into_string().expect("body");
+    assert!(page.contains("<title>taper chat</title>"), "{page}");
+    for (path, kind) in [
+        ("/webui/app.js", "text/javascript"),
+        ("/webui/markdown.js", "text/javascript"),
+        ("/webui/style.css", "text/css"),
+        ("/webui/icon.svg", "image/svg+xml"),
+    ] {
+        let r = s.agent.get(&s.url(path)).call().expect(path);
+        assert_eq!(r.status(), 200, "{path}");
+        let content_type = r.header("content-type").unwrap_or("").to_owned();
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        assert!(!r.into_string().expect("body").is_empty(), "{path}");
+    }
+    let r = s
+        .agent
+        .get(&s.url("/"))
+        .set("If-None-Match", &etag)
+        .call()
+        .expect("revalidation");
+    assert_eq!(r.status(), 304);
+    // The API around it is unchanged.
+    let (status, text) = s.get("/webui/nothing.js");
+    let reply: Value = serde_json::from_str(&text).expect("json");
+    error_of(status, &reply, 404);
+    assert_eq!(s.get("/v1/models").0, 401);
+    let (status, text) = raw_request(s.port, "/", "Host: localhost\r\n", "");
+    let reply: Value = serde_json::from_str(&text).expect("json");
+    error_of(status, &reply, 405);
+
+    let off = Server::start(&["--no-webui"]);
+    for path in ["/", "/webui/app.js"] {
+        let (status, text) = off.get(path);
+        let reply: Value = serde_json::from_str(&text).expect("json");
+        error_of(status, &reply, 404);
+        assert!(
+            text.contains(&format!("Invalid URL (GET {path})")),
+            "{text}"
+        );
+    }
+}
+
 /// Sends a raw request with a large body from another thread and reads the
 /// response, which the server may send before reading the whole body.
 fn raw_post(port: u16, path: &str, headers: &str, body: Vec<u8>) -> String {
