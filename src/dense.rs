@@ -440,35 +440,74 @@ mod x86 {
         f32::from_bits(u32::from(v.to_bits()) << 16)
     }
 
-    /// Where a row's aligned body starts: the number of leading elements
-    /// taken by a first, partial step. Candle's buffers are only
+    /// How many leading lanes a row's first step leaves empty so that every
+    /// later weight load is aligned to its size. Candle's buffers are only
     /// 16-byte aligned, and a 64-byte load that straddles two cache lines
     /// costs two; aligning the weight loads (the stream from memory) and
     /// masking the partial steps at both ends measured up to 2× on a
-    /// 272 MB product. Rows whose size is not a multiple of 64 bytes do not
-    /// share one alignment, and use unaligned steps from 0.
+    /// 272 MB product. Rows whose size is not a multiple of the step do not
+    /// share one alignment, and start at lane 0 (skew 0). With `pairs` (a
+    /// lane multiplies two neighbouring elements) the skew must be even.
+    ///
+    /// Column `c` of a row always lands in lane `(c + skew) % lanes`, and
+    /// each lane sums its columns in increasing order, so rotating the
+    /// accumulators back by the skew ([`unskew`]) gives the sums a skew of 0
+    /// gives, bit for bit: where the allocator put the weights (which
+    /// differs from one run to the next) does not change the results.
     #[inline(always)]
-    fn head_len(w: usize, cols: usize, elem: usize, lanes: usize) -> usize {
-        // A step loads `lanes * elem` bytes (64, or 32 for the widening
-        // bf16 path, which then needs only 32-byte alignment).
+    fn skew_of(w: usize, cols: usize, elem: usize, lanes: usize, pairs: bool) -> usize {
         let step = lanes * elem;
         let skew = (w % step) / elem;
-        if !(cols * elem).is_multiple_of(step) || skew == 0 {
+        if !(cols * elem).is_multiple_of(step)
+            || !w.is_multiple_of(elem)
+            || (pairs && skew % 2 == 1)
+        {
             0
         } else {
-            (lanes - skew).min(cols)
+            skew
         }
     }
 
-    /// The steps of one row: `(start, lanes)` for a partial first step, the
-    /// aligned whole ones, and a partial last step.
+    /// The steps of one row: `(start, columns, first lane)` for a partial
+    /// first step filling lanes `skew..`, then the aligned whole steps from
+    /// lane 0, and a partial last one.
     #[inline(always)]
-    fn steps(head: usize, cols: usize, lanes: usize) -> impl Iterator<Item = (usize, usize)> {
-        let first = (head > 0).then_some((0, head));
+    fn steps(
+        skew: usize,
+        cols: usize,
+        lanes: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize)> {
+        let head = if skew > 0 {
+            (lanes - skew).min(cols)
+        } else {
+            0
+        };
+        let first = (head > 0).then_some((0, head, skew));
         let body = (head..cols)
             .step_by(lanes)
-            .map(move |i| (i, lanes.min(cols - i)));
+            .map(move |i| (i, lanes.min(cols - i), 0));
         first.into_iter().chain(body)
+    }
+
+    /// The mask of `n` lanes from lane `first`.
+    #[inline(always)]
+    fn lanes_mask(n: usize, first: usize) -> u64 {
+        ((1u64 << n) - 1) << first
+    }
+
+    /// Rotates each accumulator down by `rot` lanes, so that lane `l` holds
+    /// what lane `l` holds with no skew (see [`skew_of`]).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn unskew<const R: usize, const T: usize>(acc: &mut [[__m512; T]; R], rot: usize) {
+        if rot == 0 {
+            return;
+        }
+        let idx: [i32; 16] = std::array::from_fn(|l| ((l + rot) % 16) as i32);
+        let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+        for a in acc.iter_mut().flatten() {
+            *a = _mm512_permutexvar_ps(idx, *a);
+        }
     }
 
     /// An AVX-512 f32 multiply-add tile whose weights are `$w`, loaded as
@@ -485,20 +524,25 @@ mod x86 {
             ) {
                 let mut acc = [[_mm512_setzero_ps(); T]; R];
                 let elem = std::mem::size_of::<$w>();
-                for (i, n) in steps(head_len(w as usize, cols, elem, 16), cols, 16) {
-                    let $m: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
+                let skew = skew_of(w as usize, cols, elem, 16, false);
+                for (i, n, first) in steps(skew, cols, 16) {
+                    let $m = lanes_mask(n, first) as __mmask16;
+                    // A first step reads lanes `first..` from `first`
+                    // elements before the row: masked lanes are not read.
+                    let at = |row: usize| (row * cols + i).wrapping_sub(first);
                     let mut xv = [_mm512_setzero_ps(); T];
                     for (t, v) in xv.iter_mut().enumerate() {
-                        *v = _mm512_maskz_loadu_ps($m, x.add(t * cols + i));
+                        *v = _mm512_maskz_loadu_ps($m, x.wrapping_add(at(t)));
                     }
                     for (r, a) in acc.iter_mut().enumerate() {
-                        let $p = w.add(r * cols + i);
+                        let $p = w.wrapping_add(at(r));
                         let wv = $load;
                         for t in 0..T {
                             a[t] = _mm512_fmadd_ps(wv, xv[t], a[t]);
                         }
                     }
                 }
+                unskew(&mut acc, skew);
                 store_sums::<R, T>(&acc, out, os);
             }
         };
@@ -520,14 +564,18 @@ mod x86 {
         os: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); T]; R];
-        for (i, n) in steps(head_len(w as usize, cols, 2, 32), cols, 32) {
-            let m: __mmask32 = if n == 32 { !0 } else { (1u32 << n) - 1 };
+        // Each f32 lane takes a pair of bf16 elements: an even skew keeps
+        // the pairs, and the accumulators rotate by half of it.
+        let skew = skew_of(w as usize, cols, 2, 32, true);
+        for (i, n, first) in steps(skew, cols, 32) {
+            let m = lanes_mask(n, first) as __mmask32;
+            let at = |row: usize| (row * cols + i).wrapping_sub(first);
             let mut xv = [_mm512_setzero_si512(); T];
             for (t, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_epi16(m, x.add(t * cols + i) as *const i16);
+                *v = _mm512_maskz_loadu_epi16(m, x.wrapping_add(at(t)) as *const i16);
             }
             for (r, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_maskz_loadu_epi16(m, w.add(r * cols + i) as *const i16);
+                let wv = _mm512_maskz_loadu_epi16(m, w.wrapping_add(at(r)) as *const i16);
                 for t in 0..T {
                     a[t] = _mm512_dpbf16_ps(
                         a[t],
@@ -537,6 +585,7 @@ mod x86 {
                 }
             }
         }
+        unskew(&mut acc, skew / 2);
         store_sums::<R, T>(&acc, out, os);
     }
 
@@ -777,41 +826,65 @@ mod tests {
         Ok(())
     }
 
-    /// Weights starting at every alignment within a cache line, with rows
-    /// a whole number of lines long, so the masked partial first and last
-    /// steps run (and rows that are not, which take unaligned steps).
+    /// The same weights placed at every alignment within a cache line, with
+    /// rows a whole number of lines long, so the masked partial first and
+    /// last steps run (and rows that are not, which take unaligned steps):
+    /// each kernel gives the same products, bit for bit, wherever the
+    /// allocator put the weights (it differs between runs; issue 11).
     #[test]
     fn every_alignment_gives_the_same_products() -> Result<()> {
-        let (rows, tokens) = (9, 2);
-        for cols in [64, 96, 100] {
-            let big = data(rows * cols + 64, 7);
-            let x = data(tokens * cols, 8);
-            for off in 0..32 {
-                let w = &big[off..off + rows * cols];
-                let wb: Vec<bf16> = big.iter().map(|&v| bf16::from_f32(v)).collect();
-                let wb = &wb[off..off + rows * cols];
-                let wr: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-                let want32 = reference(w, &x, rows, cols, tokens);
+        for (rows, tokens) in [(9, 2), (4, 1), (5, 4)] {
+            for cols in [64, 96, 100] {
+                let n = rows * cols;
+                let vals = data(n, 7);
+                let x = data(tokens * cols, 8);
+                let bvals: Vec<bf16> = vals.iter().map(|&v| bf16::from_f32(v)).collect();
+                let wr: Vec<f32> = bvals.iter().map(|v| v.to_f32()).collect();
+                let want32 = reference(&vals, &x, rows, cols, tokens);
                 let want16 = reference(&wr, &x, rows, cols, tokens);
                 for kernel in DenseKernel::available() {
-                    let got = matmul(kernel, Weights::F32(w), rows, cols, &x, tokens)?;
-                    for (g, e) in got.iter().zip(&want32) {
-                        assert!(
-                            (f64::from(*g) - e).abs() < 1e-4,
-                            "{kernel:?} f32 cols {cols} offset {off}: {g} vs {e}"
-                        );
-                    }
-                    let got = matmul(kernel, Weights::Bf16(wb), rows, cols, &x, tokens)?;
-                    let tol = if kernel == DenseKernel::Avx512Bf16 {
-                        0.05
-                    } else {
-                        1e-4
-                    };
-                    for (g, e) in got.iter().zip(&want16) {
-                        assert!(
-                            (f64::from(*g) - e).abs() < tol,
-                            "{kernel:?} bf16 cols {cols} offset {off}: {g} vs {e}"
-                        );
+                    let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+                    for off in 0..32 {
+                        let mut buf = vec![0f32; n + 32];
+                        buf[off..off + n].copy_from_slice(&vals);
+                        let mut bbuf = vec![bf16::ZERO; n + 32];
+                        bbuf[off..off + n].copy_from_slice(&bvals);
+                        let (w, wb) = (&buf[off..off + n], &bbuf[off..off + n]);
+                        let got32 = matmul(kernel, Weights::F32(w), rows, cols, &x, tokens)?;
+                        for (g, e) in got32.iter().zip(&want32) {
+                            assert!(
+                                (f64::from(*g) - e).abs() < 1e-4,
+                                "{kernel:?} f32 cols {cols} offset {off}: {g} vs {e}"
+                            );
+                        }
+                        let got16 = matmul(kernel, Weights::Bf16(wb), rows, cols, &x, tokens)?;
+                        let tol = if kernel == DenseKernel::Avx512Bf16 {
+                            0.05
+                        } else {
+                            1e-4
+                        };
+                        for (g, e) in got16.iter().zip(&want16) {
+                            assert!(
+                                (f64::from(*g) - e).abs() < tol,
+                                "{kernel:?} bf16 cols {cols} offset {off}: {g} vs {e}"
+                            );
+                        }
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        match &first {
+                            None => first = Some((got32, got16)),
+                            Some((f32s, f16s)) => {
+                                assert_eq!(
+                                    bits(&got32),
+                                    bits(f32s),
+                                    "{kernel:?} f32 {rows}x{cols} t{tokens}: offset {off} differs from 0"
+                                );
+                                assert_eq!(
+                                    bits(&got16),
+                                    bits(f16s),
+                                    "{kernel:?} bf16 {rows}x{cols} t{tokens}: offset {off} differs from 0"
+                                );
+                            }
+                        }
                     }
                 }
             }
