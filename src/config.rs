@@ -35,11 +35,14 @@ pub enum Architecture {
     /// Norms after attention and the MLP only, q/k norms over the whole
     /// projections.
     Olmo2,
+    /// OLMo's mixture of experts: Llama's norms, q/k norms over the whole
+    /// projections.
+    Olmoe,
 }
 
 impl Architecture {
     /// Every supported class name, for error messages.
-    pub const SUPPORTED: [&'static str; 12] = [
+    pub const SUPPORTED: [&'static str; 13] = [
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
@@ -52,6 +55,7 @@ impl Architecture {
         "GraniteForCausalLM",
         "SmolLM3ForCausalLM",
         "Olmo2ForCausalLM",
+        "OlmoeForCausalLM",
     ];
 
     fn from_class(name: &str) -> Option<Self> {
@@ -68,6 +72,7 @@ impl Architecture {
             "GraniteForCausalLM" => Self::Granite,
             "SmolLM3ForCausalLM" => Self::SmolLM3,
             "Olmo2ForCausalLM" => Self::Olmo2,
+            "OlmoeForCausalLM" => Self::Olmoe,
             _ => return None,
         })
     }
@@ -87,6 +92,7 @@ impl Architecture {
             Self::Granite => "GraniteForCausalLM",
             Self::SmolLM3 => "SmolLM3ForCausalLM",
             Self::Olmo2 => "Olmo2ForCausalLM",
+            Self::Olmoe => "OlmoeForCausalLM",
         }
     }
 
@@ -238,6 +244,8 @@ pub struct ModelConfig {
     pub residual_scale: Option<f64>,
     /// Granite: the logits are divided by this.
     pub logit_divisor: Option<f64>,
+    /// OLMoE: q, k and v are clamped to `[-clip, clip]` after the norms.
+    pub clip_qkv: Option<f64>,
     /// Gemma's RMSNorm multiplies by `1 + w` instead of `w`.
     pub norm_plus_one: bool,
     /// Norms after attention and after the MLP (Gemma's, with its norms
@@ -340,6 +348,7 @@ impl ModelConfig {
             | Architecture::Granite
             | Architecture::SmolLM3
             | Architecture::Olmo2
+            | Architecture::Olmoe
             | Architecture::Qwen3
             | Architecture::Qwen3Moe
             | Architecture::Gemma2
@@ -432,11 +441,15 @@ impl ModelConfig {
                 arch,
                 Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
             ),
-            qk_norm_full: arch == Architecture::Olmo2,
+            qk_norm_full: matches!(arch, Architecture::Olmo2 | Architecture::Olmoe),
             pre_norms: arch != Architecture::Olmo2,
             rope_layers,
             residual_scale: granite("residual_multiplier")?,
             logit_divisor: granite("logits_scaling")?,
+            clip_qkv: match arch {
+                Architecture::Olmoe => fields.opt_f64("clip_qkv")?,
+                _ => None,
+            },
             norm_plus_one: arch.is_gemma(),
             sandwich_norms: arch.is_gemma() || arch == Architecture::Olmo2,
             embedding_scale: match granite("embedding_multiplier")? {
@@ -790,6 +803,12 @@ impl Fields<'_> {
                 true,
                 MoeNaming::Mixtral,
             ),
+            Architecture::Olmoe => (
+                self.opt_usize("num_experts")?.unwrap_or(64),
+                self.usize("intermediate_size")?,
+                self.opt_bool("norm_topk_prob")?.unwrap_or(false),
+                MoeNaming::Qwen,
+            ),
             _ => return Ok(None),
         };
         let top_k = self.opt_usize("num_experts_per_tok")?.unwrap_or(2);
@@ -1023,7 +1042,10 @@ impl Fields<'_> {
                     })
                     .collect()
             }
-            Architecture::Llama | Architecture::Granite | Architecture::Olmo2 => Ok(all_full),
+            Architecture::Llama
+            | Architecture::Granite
+            | Architecture::Olmo2
+            | Architecture::Olmoe => Ok(all_full),
         }
     }
 }
@@ -1103,6 +1125,17 @@ mod tests {
             "Mixtral's intermediate_size"
         );
         assert!(parse(base("LlamaForCausalLM"))?.moe.is_none());
+
+        let mut v = base("OlmoeForCausalLM");
+        v["num_experts"] = json!(64);
+        v["num_experts_per_tok"] = json!(8);
+        v["clip_qkv"] = json!(2.5);
+        let c = parse(v)?;
+        let moe = c.moe.expect("expert layers");
+        assert_eq!((moe.num_experts, moe.top_k), (64, 8));
+        assert!(!moe.norm_topk_prob && moe.naming == MoeNaming::Qwen);
+        assert!(c.qk_norm_full && c.pre_norms && !c.sandwich_norms);
+        assert_eq!(c.clip_qkv, Some(2.5));
         Ok(())
     }
 

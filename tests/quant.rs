@@ -91,21 +91,23 @@ fn compare(got: &Tensor, want: &Tensor) -> (usize, usize, f32) {
 
 /// Mixture-of-experts fixtures move further under quantization than dense
 /// ones: a token whose router scores shift can take another expert, which
-/// changes its output wholesale (measured: Mixtral q4_k mean |Δ logprob|
-/// 2.73 and top-1 30% against the dense models' 1.46–1.96 and 40–78%; q6_k
-/// top-1 63%; Qwen3-MoE q8_0 0.36). Their bounds are these factors looser:
-/// still far from the near-uniform logits a wrong scale or block gives.
-const MOE_MEAN_FACTOR: f32 = 1.5;
+/// changes its output wholesale. Measured mean |Δ logprob| (Qwen3-MoE,
+/// Mixtral, OLMoE): q8_0 0.36 / 0.40 / 0.53, q6_k 0.69 / 1.08 / 0.70, q4_k
+/// 1.85 / 2.73 / 1.84, q4_0 2.06 / 2.90 / 2.13; top-1 as low as 63% (q6_k)
+/// and 30% (4-bit). Their mean bound is each test's `moe_max_mean`, their
+/// top-1 bound this factor of the dense one: still far from the
+/// near-uniform logits a wrong scale or block gives.
 const MOE_TOP1_FACTOR: f32 = 0.8;
 
 /// Loads every fixture with `quant` and checks, per model, top-1 agreement
 /// on at least `min_top1` of the positions and a mean |Δ logprob| under
-/// `max_mean` (looser for mixture-of-experts models, see above).
-fn check_agreement(quant: Quant, min_top1: f32, max_mean: f32) {
+/// `max_mean` (`moe_max_mean` and a looser top-1 for mixture-of-experts
+/// models, see above).
+fn check_agreement(quant: Quant, min_top1: f32, max_mean: f32, moe_max_mean: f32) {
     for name in MODELS {
         let moe = load(name, Quant::None).config().moe.is_some();
         let (min_top1, max_mean) = if moe {
-            (min_top1 * MOE_TOP1_FACTOR, max_mean * MOE_MEAN_FACTOR)
+            (min_top1 * MOE_TOP1_FACTOR, moe_max_mean)
         } else {
             (min_top1, max_mean)
         };
@@ -134,7 +136,7 @@ fn check_agreement(quant: Quant, min_top1: f32, max_mean: f32) {
 
 #[test]
 fn q8_0_models_agree_with_the_f32_reference() {
-    check_agreement(Quant::Q8_0, 0.85, MAX_MEAN_ABS_LOGPROB_DIFF);
+    check_agreement(Quant::Q8_0, 0.85, MAX_MEAN_ABS_LOGPROB_DIFF, 0.7);
 }
 
 /// Q6_K's weights carry about 3x Q8_0's error (relative RMS 0.025 against
@@ -143,7 +145,7 @@ fn q8_0_models_agree_with_the_f32_reference() {
 /// and 70%.
 #[test]
 fn q6_k_models_agree_with_the_f32_reference() {
-    check_agreement(Quant::Q6K, 0.7, 0.8);
+    check_agreement(Quant::Q6K, 0.7, 0.8, 1.4);
 }
 
 /// 4-bit weights carry about 10x Q8_0's error (relative RMS 0.088), and the
@@ -154,7 +156,7 @@ fn q6_k_models_agree_with_the_f32_reference() {
 /// logits of no relation to the reference (top-1 near 1/vocab).
 #[test]
 fn q4_k_models_agree_with_the_f32_reference() {
-    check_agreement(Quant::Q4K, 0.3, 2.6);
+    check_agreement(Quant::Q4K, 0.3, 2.6, 3.5);
 }
 
 /// As Q4_K, with Q4_0's larger error (relative RMS 0.135, no minimum per
@@ -162,7 +164,7 @@ fn q4_k_models_agree_with_the_f32_reference() {
 /// Bounds: 3.0 and 30%.
 #[test]
 fn q4_0_models_agree_with_the_f32_reference() {
-    check_agreement(Quant::Q4_0, 0.3, 3.0);
+    check_agreement(Quant::Q4_0, 0.3, 3.0, 3.8);
 }
 
 /// Quantizing keeps the parameter count and shrinks the model, though the

@@ -18,8 +18,8 @@ use crate::gguf::GgufFile;
 use crate::{Error, Result};
 
 /// The `general.architecture` values taper loads.
-pub const SUPPORTED: [&str; 7] = [
-    "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen3moe",
+pub const SUPPORTED: [&str; 8] = [
+    "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen3moe", "olmoe",
 ];
 
 fn architecture(name: &str) -> Option<Architecture> {
@@ -32,6 +32,7 @@ fn architecture(name: &str) -> Option<Architecture> {
         "gemma2" => Architecture::Gemma2,
         "gemma3" => Architecture::Gemma3,
         "qwen3moe" => Architecture::Qwen3Moe,
+        "olmoe" => Architecture::Olmoe,
         _ => return None,
     })
 }
@@ -191,11 +192,12 @@ pub fn model_config(f: &GgufFile) -> Result<ModelConfig> {
             arch,
             Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
         ),
-        qk_norm_full: false,
+        qk_norm_full: arch == Architecture::Olmoe,
         pre_norms: true,
         rope_layers: vec![true; num_layers],
         residual_scale: None,
         logit_divisor: None,
+        clip_qkv: f.f64(&key("attention.clamp_kqv"))?.filter(|c| *c > 0.0),
         norm_plus_one: gemma,
         sandwich_norms: gemma,
         embedding_scale: gemma.then(|| (hidden_size as f64).sqrt()),
@@ -342,9 +344,9 @@ fn layer_attention(
 
 /// The expert layers, from `{arch}.expert_count` and friends: llama.cpp's
 /// merged 3-D expert tensors serve every layer (it has no dense layers in a
-/// Qwen3-MoE or Mixtral file). llama.cpp renormalises the chosen experts'
-/// weights for both families, as Mixtral and the released Qwen3-MoE models
-/// (`norm_topk_prob: true`) do.
+/// Qwen3-MoE, Mixtral or OLMoE file). llama.cpp renormalises the chosen
+/// experts' weights for Mixtral and Qwen3-MoE, as Mixtral and the released
+/// Qwen3-MoE models (`norm_topk_prob: true`) do, and not for OLMoE.
 fn moe(
     f: &GgufFile,
     arch: Architecture,
@@ -354,7 +356,7 @@ fn moe(
 ) -> Result<Option<MoeConfig>> {
     let naming = match arch {
         Architecture::Mixtral => MoeNaming::Mixtral,
-        Architecture::Qwen3Moe => MoeNaming::Qwen,
+        Architecture::Qwen3Moe | Architecture::Olmoe => MoeNaming::Qwen,
         _ => return Ok(None),
     };
     let num_experts = f.require_usize(&key("expert_count"))?;
@@ -370,7 +372,8 @@ fn moe(
     Ok(Some(MoeConfig {
         num_experts,
         top_k,
-        norm_topk_prob: true,
+        // llama.cpp renormalises for Mixtral and Qwen3-MoE, not for OLMoE.
+        norm_topk_prob: arch != Architecture::Olmoe,
         expert_intermediate_size,
         sparse_layers: vec![true; num_layers],
         naming,

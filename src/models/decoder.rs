@@ -743,6 +743,15 @@ impl Decoder {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
+        let v = match c.clip_qkv {
+            Some(clip) => {
+                let clip = clip as f32;
+                q = q.clamp(-clip, clip)?;
+                k = k.clamp(-clip, clip)?;
+                v.clamp(-clip, clip)?
+            }
+            None => v,
+        };
         let mut q = q.reshape((t, nh, hd))?;
         let mut k = k.reshape((t, nkv, hd))?;
         let v = v.reshape((t, nkv, hd))?;

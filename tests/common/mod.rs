@@ -17,7 +17,7 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every fixture model.
-pub const MODELS: [&str; 14] = [
+pub const MODELS: [&str; 15] = [
     "llama",
     "llama3",
     "mistral",
@@ -32,6 +32,7 @@ pub const MODELS: [&str; 14] = [
     "granite",
     "smollm3",
     "olmo2",
+    "olmoe",
 ];
 
 /// The safetensors weight files of a fixture (sharded or single), found the
