@@ -62,6 +62,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         prompt,
         logprobs: None,
         prompt_logprobs: false,
+        constraint: None,
     };
     pipeline.check_fits(request.prompt.len(), request.stop.max_new_tokens)?;
 

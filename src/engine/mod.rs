@@ -39,6 +39,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::constraint::Constraint;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::sampling::{Sampler, SamplingParams};
@@ -61,6 +62,10 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Report the logprob of every prompt token after the first (echo).
     pub prompt_logprobs: bool,
+    /// A compiled structured-output constraint ([`Pipeline::compile_constraint`]):
+    /// only tokens it allows are sampled, and the sequence ends (`stop`)
+    /// once its grammar is complete.
+    pub constraint: Option<Constraint>,
 }
 
 /// A token's log-probability, with the most likely alternatives.
@@ -241,7 +246,7 @@ impl Engine {
     }
 
     /// Queues a request; its events go to `sink`. Returns its id.
-    pub fn submit(&mut self, request: Request, sink: Box<dyn Sink>) -> u64 {
+    pub fn submit(&mut self, mut request: Request, sink: Box<dyn Sink>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let mut sampler = Sampler::new(request.sampling.clone());
@@ -256,6 +261,7 @@ impl Engine {
             cache: self.pipeline.model.new_cache(),
             blocks: 0,
             sampler,
+            constraint: request.constraint.take(),
             generated: 0,
             decoder: StreamDecoder::new(true),
             stops: StopStrings::new(&request.stop.stop_strings),

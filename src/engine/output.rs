@@ -12,7 +12,7 @@ use super::sequence::Sequence;
 use super::{Event, Timing, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::sampling::Sampler;
+use crate::sampling::{apply_mask, Sampler};
 use crate::stopping::FinishReason;
 use crate::tokenizer::Tokenizer;
 use crate::Result;
@@ -101,11 +101,45 @@ fn prompt_work(
 /// Logits → the next token (and its logprob when asked for), with the
 /// sequence's sampler. Nothing about the sequence changes but its sampler's
 /// state.
+///
+/// A constrained sequence samples among the tokens its grammar allows, and
+/// its logprobs are those of the masked distribution. Computing the mask
+/// costs more than checking one token, so unless logprobs need the mask the
+/// token is first sampled without it and kept if the grammar allows it;
+/// only a refused token costs a mask and a second draw. That changes
+/// nothing but the cost: greedy takes the best allowed token either way,
+/// and a draw kept from the whole distribution when allowed, else redrawn
+/// from the allowed tokens, gives each allowed token its probability
+/// divided by the allowed mass, which is the masked distribution. (With
+/// top-k/top-p the first draw truncates the whole distribution, as
+/// llama.cpp's grammar sampler does.)
 pub(super) fn sample(pipeline: &Pipeline, seq: &mut Sequence, logits: &[f32]) -> Result<Sampled> {
-    let token = seq.sampler.sample(logits)?;
-    let logprob = match seq.request.logprobs {
-        Some(k) => Some(token_logprob(pipeline, logits, token, k)?),
-        None => None,
+    let logprobs = seq.request.logprobs;
+    let (token, mask) = match seq.constraint.as_mut() {
+        None => (seq.sampler.pick(logits, None)?, None),
+        Some(constraint) => {
+            let first = match logprobs {
+                Some(_) => None,
+                None => Some(seq.sampler.pick(logits, None)?),
+            };
+            match first {
+                Some(token) if constraint.allows(token)? => (token, None),
+                _ => {
+                    let mask = constraint.mask()?;
+                    (seq.sampler.pick(logits, Some(&mask))?, Some(mask))
+                }
+            }
+        }
+    };
+    seq.sampler.record(token);
+    let logprob = match (logprobs, mask) {
+        (Some(k), Some(mask)) => {
+            let mut masked = logits.to_vec();
+            apply_mask(&mut masked, &mask);
+            Some(token_logprob(pipeline, &masked, token, k)?)
+        }
+        (Some(k), None) => Some(token_logprob(pipeline, logits, token, k)?),
+        (None, _) => None,
     };
     Ok(Sampled { token, logprob })
 }
@@ -135,6 +169,9 @@ pub(super) fn commit(
     if !stop.ignore_eos && stop.eos_ids.contains(&token) {
         return finish(seq, FinishReason::Stop, tokenizer, metrics);
     }
+    if let Some(constraint) = seq.constraint.as_mut() {
+        constraint.commit(token)?;
+    }
     let piece = seq.decoder.push(tokenizer, token)?;
     let (text, stopped) = match seq.stops.feed(&piece) {
         Some(emit) => (emit.text, emit.stopped),
@@ -149,7 +186,10 @@ pub(super) fn commit(
         metrics.cancelled.add(1);
         return Ok(());
     }
-    if stopped {
+    // A complete grammar that allows nothing more (a choice made, a JSON
+    // value closed at the top level) ends the sequence as EOS would.
+    let complete = seq.constraint.as_ref().is_some_and(|c| c.is_finished());
+    if stopped || complete {
         return finish(seq, FinishReason::Stop, tokenizer, metrics);
     }
     if seq.generated >= seq.request.stop.max_new_tokens {

@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use super::{Request, Sink, TokenLogprob, Usage};
+use crate::constraint::Constraint;
 use crate::kv_cache::SeqKvCache;
 use crate::sampling::Sampler;
 use crate::stopping::StopStrings;
@@ -25,6 +26,11 @@ pub(super) struct Sequence {
     /// KV blocks reserved for this sequence (its cache's buffers).
     pub(super) blocks: usize,
     pub(super) sampler: Sampler,
+    /// The request's output constraint, advanced with every token kept.
+    /// A preempted sequence keeps it: it samples again only once its cache
+    /// has caught up with every token it kept, so the matcher never needs
+    /// to rewind.
+    pub(super) constraint: Option<Constraint>,
     pub(super) generated: usize,
     pub(super) decoder: StreamDecoder,
     pub(super) stops: StopStrings,

@@ -9,8 +9,10 @@ use std::sync::Mutex;
 use candle_core::{DType, Device};
 
 use super::*;
+use crate::constraint::ConstraintSpec;
 use crate::hub::{resolve, HubOptions, ModelSource};
 use crate::models::{Logits, SeqInput};
+use crate::stopping::FinishReason;
 
 fn pipeline() -> Arc<Pipeline> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
@@ -42,6 +44,7 @@ fn greedy(prompt: Vec<u32>, n: usize) -> Request {
         },
         logprobs: Some(0),
         prompt_logprobs: false,
+        constraint: None,
     }
 }
 
@@ -52,6 +55,7 @@ struct Output {
     logprobs: Vec<f32>,
     prompt_logprobs: Vec<Option<f32>>,
     usage: Option<Usage>,
+    finish: Option<FinishReason>,
     error: Option<String>,
 }
 
@@ -69,7 +73,10 @@ fn collector() -> (Box<dyn Sink>, Arc<Mutex<Output>>) {
             Event::PromptLogprobs(v) => {
                 g.prompt_logprobs = v.into_iter().map(|l| l.map(|l| l.logprob)).collect()
             }
-            Event::Done { usage, .. } => g.usage = Some(usage),
+            Event::Done { usage, finish, .. } => {
+                g.usage = Some(usage);
+                g.finish = Some(finish);
+            }
             Event::Error(e) => g.error = Some(e),
             _ => {}
         }
@@ -438,4 +445,115 @@ fn a_prompt_larger_than_the_whole_budget_is_refused() {
     let error = out.lock().expect("lock").error.clone().expect("refused");
     assert!(error.contains("--kv-cache-mem"), "{error}");
     assert_eq!(fits.lock().expect("lock").tokens.len(), 4);
+}
+
+/// A request constrained to `spec`, greedy or seeded, ending on EOS.
+fn constrained(p: &Pipeline, prompt: Vec<u32>, spec: ConstraintSpec, seed: Option<u64>) -> Request {
+    let mut r = match seed {
+        Some(seed) => seeded(prompt, 200, seed),
+        None => greedy(prompt, 200),
+    };
+    r.stop.ignore_eos = false;
+    r.stop.eos_ids = p.eos_ids.clone();
+    r.constraint = Some(p.compile_constraint(&spec).expect("compiles"));
+    r
+}
+
+fn text(p: &Pipeline, out: &Output) -> String {
+    p.tokenizer.decode(&out.tokens, true).expect("decodes")
+}
+
+#[test]
+fn a_constrained_sequence_follows_its_grammar_and_ends_with_stop() {
+    let p = pipeline();
+    let choices = vec!["red".to_string(), "green".into(), "blue".into()];
+    for (i, seed) in [None, Some(1), Some(2), Some(3)].into_iter().enumerate() {
+        let r = constrained(&p, prompt(i), ConstraintSpec::Choice(choices.clone()), seed);
+        let out = &alone(&p, &[r])[0];
+        assert!(choices.contains(&text(&p, out)), "{:?}", text(&p, out));
+        assert_eq!(out.finish, Some(FinishReason::Stop));
+        // Logprobs come from the masked distribution: finite, never
+        // below the log of the smallest share a kept token can have.
+        assert!(out.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
+    }
+}
+
+#[test]
+fn constrained_and_free_sequences_batch_and_survive_preemption() {
+    let p = pipeline();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            "s": {"enum": ["x", "y"]}
+        },
+        "required": ["n", "s"],
+        "additionalProperties": false
+    });
+    let requests: Vec<Request> = (0..8)
+        .map(|i| match i % 4 {
+            0 => constrained(
+                &p,
+                prompt(i + 1),
+                ConstraintSpec::JsonSchema(schema.clone()),
+                None,
+            ),
+            1 => constrained(
+                &p,
+                prompt(i + 1),
+                ConstraintSpec::Regex("[a-f]{20,30}".into()),
+                Some(i as u64),
+            ),
+            2 => greedy(prompt(i + 1), 40),
+            _ => seeded(prompt(i + 1), 40, 100 + i as u64),
+        })
+        .collect();
+    let want = alone(&p, &requests);
+    for (i, w) in want.iter().enumerate() {
+        match i % 4 {
+            0 => {
+                let v: serde_json::Value = serde_json::from_str(&text(&p, w)).expect("JSON");
+                assert!(
+                    v["n"].as_i64().is_some_and(|n| (0..=99).contains(&n)),
+                    "{v}"
+                );
+                assert!(v["s"] == "x" || v["s"] == "y", "{v}");
+            }
+            1 => {
+                let t = text(&p, w);
+                assert!(
+                    (20..=30).contains(&t.len()) && t.chars().all(|c| ('a'..='f').contains(&c)),
+                    "{t:?}"
+                );
+            }
+            _ => {}
+        }
+    }
+    // 12 blocks for eight sequences: some wait, some are preempted and
+    // recomputed; every output must be what it is alone.
+    let metrics = Arc::new(Metrics::default());
+    let bytes = blocks::bytes_per_position(&p.model) * 16 * 12;
+    let mut e = Engine::new(
+        p.clone(),
+        EngineLimits {
+            kv_cache_bytes: Some(bytes),
+            ..limits(8, 64, true)
+        },
+        metrics.clone(),
+    );
+    let outs: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let (sink, out) = collector();
+            e.submit(r.clone(), sink);
+            out
+        })
+        .collect();
+    e.run_to_completion();
+    assert!(metrics.preempted.get() > 0, "some sequences were preempted");
+    for (i, out) in outs.iter().enumerate() {
+        let got = out.lock().expect("lock");
+        assert_same(&got, &want[i], &format!("request {i}"));
+        assert_eq!(got.finish, want[i].finish, "request {i}");
+    }
 }

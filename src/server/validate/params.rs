@@ -208,6 +208,7 @@ impl Common {
                     },
                     logprobs,
                     prompt_logprobs: echo && logprobs.is_some(),
+                    constraint: None,
                 });
             }
         }
