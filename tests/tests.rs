@@ -13,3 +13,4 @@ mod parity;
 mod quant;
 mod server;
 mod streaming;
+mod structured;

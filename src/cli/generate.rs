@@ -2,6 +2,7 @@
 //! counts and speeds on stderr.
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 
 use taper::chat_template::Message;
+use taper::constraint::ConstraintSpec;
 use taper::engine::{self, Request};
 
 use super::{ModelArgs, SamplingArgs};
@@ -33,6 +35,39 @@ pub struct GenerateArgs {
     /// A system message (with --chat).
     #[arg(long, requires = "chat")]
     system: Option<String>,
+
+    /// Constrain the output to JSON valid under the JSON schema in FILE.
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    json_schema: Option<PathBuf>,
+
+    /// Constrain the whole output to match a regular expression.
+    #[arg(long, value_name = "RE", group = "constraint")]
+    regex: Option<String>,
+
+    /// Constrain the output to the Lark grammar in FILE (llguidance's
+    /// dialect).
+    #[arg(long, value_name = "FILE.lark", group = "constraint")]
+    grammar: Option<PathBuf>,
+}
+
+impl GenerateArgs {
+    /// The constraint the flags ask for, read from its file.
+    fn constraint_spec(&self) -> anyhow::Result<Option<ConstraintSpec>> {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(if let Some(path) = &self.json_schema {
+            let schema = serde_json::from_str(&read(path)?)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+            Some(ConstraintSpec::JsonSchema(schema))
+        } else if let Some(re) = &self.regex {
+            Some(ConstraintSpec::Regex(re.clone()))
+        } else if let Some(path) = &self.grammar {
+            Some(ConstraintSpec::Lark(read(path)?))
+        } else {
+            None
+        })
+    }
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -45,7 +80,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         args.prompt.clone()
     };
+    let spec = args.constraint_spec()?;
     let pipeline = Arc::new(args.model.load()?);
+    let constraint = match &spec {
+        Some(spec) => Some(
+            pipeline
+                .compile_constraint(spec)
+                .with_context(|| format!("--{}", flag_of(spec)))?,
+        ),
+        None => None,
+    };
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -62,7 +106,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         prompt,
         logprobs: None,
         prompt_logprobs: false,
-        constraint: None,
+        constraint,
     };
     pipeline.check_fits(request.prompt.len(), request.stop.max_new_tokens)?;
 
@@ -89,4 +133,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     );
     let _ = Ordering::Relaxed;
     Ok(())
+}
+
+/// The flag that gave a spec, for messages.
+fn flag_of(spec: &ConstraintSpec) -> &'static str {
+    match spec {
+        ConstraintSpec::JsonSchema(_) => "json-schema",
+        ConstraintSpec::Regex(_) => "regex",
+        _ => "grammar",
+    }
 }

@@ -38,10 +38,11 @@ use crate::tokenizer::Tokenizer;
 pub const MAX_SPEC_BYTES: usize = 256 * 1024;
 
 /// Whitespace a JSON schema's output may hold between two tokens of JSON:
-/// at most this many spaces, tabs or newlines. Unbounded whitespace lets a
-/// model that likes newlines loop on them until `max_tokens` (llama.cpp
-/// bounds it too); 24 still indents several levels of pretty-printed JSON.
-const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,24}";
+/// one space, or a newline and up to 20 spaces or tabs of indentation
+/// (llama.cpp's rule). Compact and pretty-printed JSON both fit; what a
+/// model could otherwise do, and small models do, is loop on whitespace
+/// until `max_tokens`.
+const JSON_WHITESPACE: &str = r"\x20|\x0A[\x20\x09]{0,20}";
 
 /// What a request constrains its output to.
 #[derive(Debug, Clone, PartialEq)]

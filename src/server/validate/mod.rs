@@ -8,8 +8,10 @@
 //! blocking thread.
 
 mod params;
+mod structured;
 
 use crate::chat_template::Message;
+use crate::constraint::Constraint;
 use crate::engine::Request;
 use crate::pipeline::Pipeline;
 
@@ -57,6 +59,17 @@ impl ValidRequest {
         &self.prompts[choice / self.n.max(1)]
     }
 
+    /// Gives every choice its own copy of the compiled constraint (compiled
+    /// once: copies share the grammar).
+    fn constrained(mut self, constraint: Option<Constraint>) -> Self {
+        if let Some(c) = constraint {
+            for r in &mut self.requests {
+                r.constraint = Some(c.clone());
+            }
+        }
+        self
+    }
+
     /// `usage.prompt_tokens`: each prompt counted once, whatever `n` is.
     pub fn prompt_tokens(&self) -> usize {
         self.prompts.iter().map(|p| p.ids.len()).sum()
@@ -65,7 +78,11 @@ impl ValidRequest {
 
 /// Checks a `/v1/chat/completions` request.
 pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidRequest, AppError> {
-    let ChatRequest { chat, mut sampling } = req;
+    let ChatRequest {
+        chat,
+        mut sampling,
+        structured,
+    } = req;
     if let Some(m) = chat.max_completion_tokens {
         sampling.max_tokens = Some(m);
     }
@@ -107,7 +124,10 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
         text: String::new(),
         token_texts: Vec::new(),
     };
-    common.build(vec![prompt], logprobs, false, "messages", ready)
+    let valid = common.build(vec![prompt], logprobs, false, "messages", ready)?;
+    // Compiled last: it is the costliest check.
+    let constraint = structured::constraint(structured, ready)?;
+    Ok(valid.constrained(constraint))
 }
 
 /// Checks a `/v1/completions` request.
@@ -119,6 +139,7 @@ pub fn completion(
     let CompletionRequest {
         completion,
         sampling,
+        structured,
     } = req;
     let echo = completion.echo.unwrap_or(false);
     let common = Common::check(sampling, ready, served, echo)?;
@@ -172,7 +193,9 @@ pub fn completion(
             ),
         ));
     }
-    common.build(prompts, logprobs, echo, "prompt", ready)
+    let valid = common.build(prompts, logprobs, echo, "prompt", ready)?;
+    let constraint = structured::constraint(structured, ready)?;
+    Ok(valid.constrained(constraint))
 }
 
 /// The roles of OpenAI's chat API. Templates skip roles they do not know
