@@ -336,7 +336,7 @@ fn sixteen_concurrent_requests_half_constrained_each_get_what_they_should() {
     let s = Server::start(&["--max-batch", "16"]);
     let schemas = schemas();
     let free = |i: usize| {
-        let sampling = if i % 2 == 0 {
+        let sampling = if i.is_multiple_of(2) {
             json!({"temperature": 0})
         } else {
             json!({"temperature": 0.9, "top_p": 0.9, "seed": i})
@@ -349,7 +349,7 @@ fn sixteen_concurrent_requests_half_constrained_each_get_what_they_should() {
         let schema = &schemas[i % schemas.len()];
         let mut extra = json_schema_format(schema);
         extra["max_tokens"] = json!(400);
-        extra["temperature"] = json!(if i % 2 == 0 { 0.0 } else { 0.8 });
+        extra["temperature"] = json!(if i.is_multiple_of(2) { 0.0 } else { 0.8 });
         extra["seed"] = json!(i);
         (chat(&format!("Constrained {i}."), extra), schema.clone())
     };
@@ -358,10 +358,10 @@ fn sixteen_concurrent_requests_half_constrained_each_get_what_they_should() {
         .map(|i| text_of(&s.ok("/v1/chat/completions", &free(i))["choices"][0]))
         .collect();
     let together: Vec<(usize, String)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..16)
+        let handles: Vec<_> = (0..16usize)
             .map(|i| {
                 let s = &s;
-                let body = if i % 2 == 0 {
+                let body = if i.is_multiple_of(2) {
                     free(i / 2)
                 } else {
                     constrained(i / 2).0
@@ -380,7 +380,7 @@ fn sixteen_concurrent_requests_half_constrained_each_get_what_they_should() {
             .collect()
     });
     for (i, text) in together {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             assert_eq!(
                 text,
                 alone[i / 2],

@@ -321,3 +321,108 @@ fn real_vocabularies_spell_their_tokens() {
         }
     }
 }
+
+/// Schemas of the kind clients send: a function's parameters, an
+/// extraction record, a nested order.
+fn real_world_schemas() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "weather tool call",
+            json!({"type": "object", "properties": {
+                "location": {"type": "string", "description": "City and country"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14}
+            }, "required": ["location", "unit"], "additionalProperties": false}),
+        ),
+        (
+            "person record",
+            json!({"type": "object", "properties": {
+                "name": {"type": "string"},
+                "email": {"type": "string", "format": "email"},
+                "birth_date": {"type": "string", "format": "date"},
+                "phones": {"type": "array", "items": {"type": "string", "pattern": "^\\+?[0-9 ()-]{7,20}$"}},
+                "address": {"type": "object", "properties": {
+                    "street": {"type": "string"}, "city": {"type": "string"},
+                    "country": {"type": "string", "minLength": 2, "maxLength": 2}
+                }, "required": ["city", "country"]},
+                "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 10}
+            }, "required": ["name", "email"]}),
+        ),
+        (
+            "order with $defs and anyOf",
+            json!({"$defs": {
+                "money": {"type": "object", "properties": {"amount": {"type": "number", "minimum": 0}, "currency": {"enum": ["EUR", "USD", "GBP", "JPY"]}}, "required": ["amount", "currency"]},
+                "item": {"type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, "qty": {"type": "integer", "minimum": 1}, "price": {"$ref": "#/$defs/money"}}, "required": ["sku", "qty", "price"]}
+            }, "type": "object", "properties": {
+                "id": {"type": "string"},
+                "items": {"type": "array", "items": {"$ref": "#/$defs/item"}, "minItems": 1},
+                "shipping": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"method": {"enum": ["post", "courier"]}, "cost": {"$ref": "#/$defs/money"}}, "required": ["method"]}]},
+                "notes": {"type": ["string", "null"]}
+            }, "required": ["id", "items"]}),
+        ),
+    ]
+}
+
+/// Figures for BENCHMARKS.md on a real 151k vocabulary (Qwen3's): table
+/// build, compile time of real-world schemas, and the cost of a mask and
+/// of checking one token along random walks through them.
+/// `TAPER_TEST_TOKENIZERS=... cargo test --lib constraint::tests::mask_cost -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement: run by hand"]
+fn mask_cost_on_a_real_vocabulary() {
+    let dir =
+        PathBuf::from(std::env::var_os("TAPER_TEST_TOKENIZERS").expect("TAPER_TEST_TOKENIZERS"));
+    let tok = Tokenizer::from_files(&dir.join("qwen3/tokenizer.json"), None).expect("loads");
+    let eos = tok.token_id("<|im_end|>").expect("im_end");
+    let start = Instant::now();
+    let table = TokenTable::new(&tok, 151_936, &[eos]).expect("table");
+    eprintln!(
+        "table: {} entries built in {:.0} ms",
+        table.width(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    for (name, schema) in real_world_schemas() {
+        let start = Instant::now();
+        let c = table
+            .compile(&ConstraintSpec::JsonSchema(schema))
+            .expect("compiles");
+        let compile = start.elapsed();
+        let (mut masks, mut checks) = (Vec::new(), Vec::new());
+        for seed in 0..5 {
+            let mut c = c.clone();
+            let mut rng = StdRng::seed_from_u64(seed);
+            for _ in 0..150 {
+                if c.is_finished() {
+                    break;
+                }
+                let t0 = Instant::now();
+                let mask = c.mask().expect("mask");
+                masks.push(t0.elapsed());
+                let allowed: Vec<u32> = (0..table.width() as u32)
+                    .filter(|&t| mask_allows(&mask, t) && t != eos)
+                    .collect();
+                if allowed.is_empty() {
+                    break;
+                }
+                let t = allowed[rng.random_range(0..allowed.len())];
+                let t0 = Instant::now();
+                assert!(c.allows(t).expect("check"));
+                checks.push(t0.elapsed());
+                c.commit(t).expect("commit");
+            }
+        }
+        let stats = |v: &mut Vec<Duration>| {
+            v.sort();
+            let mean = v.iter().sum::<Duration>() / v.len().max(1) as u32;
+            (mean, v[v.len() / 2], v[v.len() * 99 / 100])
+        };
+        let (mm, m50, m99) = stats(&mut masks);
+        let (cm, c50, c99) = stats(&mut checks);
+        eprintln!(
+            "{name}: compile {:.2} ms | mask mean {:.0} µs p50 {:.0} p99 {:.0} ({} masks) | one-token check mean {:.1} µs p50 {:.1} p99 {:.1}",
+            compile.as_secs_f64() * 1e3,
+            mm.as_secs_f64() * 1e6, m50.as_secs_f64() * 1e6, m99.as_secs_f64() * 1e6, masks.len(),
+            cm.as_secs_f64() * 1e6, c50.as_secs_f64() * 1e6, c99.as_secs_f64() * 1e6,
+        );
+    }
+}
