@@ -201,9 +201,15 @@ pub fn compile(table: &TokenTable, spec: &ConstraintSpec) -> Result<Constraint, 
         .factory
         .create_parser(grammar)
         .map_err(|e| classify(spec, &e.to_string()))?;
-    let matcher = Matcher::new(Ok(parser));
+    let mut matcher = Matcher::new(Ok(parser));
     if let Some(e) = matcher.get_error() {
         return Err(classify(spec, &e));
+    }
+    // Some grammars compile but fail at their first mask (llguidance
+    // refuses ambiguous lexemes there): found here, that is a 400, not a
+    // failed generation. The mask also warms the matcher's caches.
+    if let Err(e) = matcher.compute_mask() {
+        return Err(classify(spec, &e.to_string()));
     }
     Ok(Constraint {
         matcher,
@@ -230,8 +236,9 @@ impl Constraint {
         Ok(mask.as_slice().to_vec())
     }
 
-    /// Whether `token` may come next; cheaper than a whole mask, so the
-    /// engine checks a token sampled without the mask first.
+    /// Whether `token` may come next, without computing a whole mask (the
+    /// engine computes masks: llguidance's one-token check failed on some
+    /// grammars whose masks it computes).
     pub fn allows(&mut self, token: u32) -> Result<bool, ConstraintError> {
         if self.matcher.is_stopped() {
             return Ok(false);

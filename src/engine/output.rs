@@ -103,36 +103,21 @@ fn prompt_work(
 /// state.
 ///
 /// A constrained sequence samples among the tokens its grammar allows, and
-/// its logprobs are those of the masked distribution. Computing the mask
-/// costs more than checking one token, so unless logprobs need the mask the
-/// token is first sampled without it and kept if the grammar allows it;
-/// only a refused token costs a mask and a second draw. That changes
-/// nothing but the cost: greedy takes the best allowed token either way,
-/// and a draw kept from the whole distribution when allowed, else redrawn
-/// from the allowed tokens, gives each allowed token its probability
-/// divided by the allowed mass, which is the masked distribution. (With
-/// top-k/top-p the first draw truncates the whole distribution, as
-/// llama.cpp's grammar sampler does.)
+/// its logprobs are those of the masked distribution. The mask is computed
+/// every step: it costs tens of microseconds on a 150k vocabulary, where
+/// sampling first without it and redrawing when the grammar refuses the
+/// token (the sample-then-validate trick) costs a second sampling pass
+/// (about 0.3 ms) on every refusal, and checking a token alone made
+/// llguidance fail on grammars whose masks it computes (BENCHMARKS.md,
+/// issue 13).
 pub(super) fn sample(pipeline: &Pipeline, seq: &mut Sequence, logits: &[f32]) -> Result<Sampled> {
-    let logprobs = seq.request.logprobs;
-    let (token, mask) = match seq.constraint.as_mut() {
-        None => (seq.sampler.pick(logits, None)?, None),
-        Some(constraint) => {
-            let first = match logprobs {
-                Some(_) => None,
-                None => Some(seq.sampler.pick(logits, None)?),
-            };
-            match first {
-                Some(token) if constraint.allows(token)? => (token, None),
-                _ => {
-                    let mask = constraint.mask()?;
-                    (seq.sampler.pick(logits, Some(&mask))?, Some(mask))
-                }
-            }
-        }
+    let mask = match seq.constraint.as_mut() {
+        Some(constraint) => Some(constraint.mask()?),
+        None => None,
     };
+    let token = seq.sampler.pick(logits, mask.as_deref())?;
     seq.sampler.record(token);
-    let logprob = match (logprobs, mask) {
+    let logprob = match (seq.request.logprobs, mask) {
         (Some(k), Some(mask)) => {
             let mut masked = logits.to_vec();
             apply_mask(&mut masked, &mask);
