@@ -1,7 +1,9 @@
 """Make the tiny random-weight model fixtures under tests/fixtures/models/.
 
 What it makes, one directory per architecture (llama, llama3, mistral, qwen2,
-qwen3, phi3, gemma2, gemma3), laid out like a Hub repository:
+qwen3, phi3, gemma2, gemma3, qwen3_moe, mixtral, llama_yarn, granite, smollm3, olmo2),
+laid out like a Hub
+repository (`make_fixtures.py NAME ...` remakes only those):
 
     config.json, generation_config.json,
     model.safetensors (llama: model.safetensors.index.json + shards),
@@ -62,16 +64,26 @@ from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GenerationConfig,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,6 +328,68 @@ def specs(vocab: int, ids: dict[str, int]) -> list[dict]:
             gemma=True,
             init=dict(GEMMA_INIT, emb_std=0.07, norm_overrides=dict(GEMMA_INIT["norm_overrides"], norm=(6.5, 7.5))),
         ),
+        dict(
+            name="qwen3_moe",
+            cls=Qwen3MoeForCausalLM,
+            # 6 experts, 2 per token, renormalised; layer 1 keeps a dense MLP
+            # (mlp_only_layers), so both kinds of layer are exercised.
+            config=Qwen3MoeConfig(**COMMON, **tok_ids, head_dim=16, tie_word_embeddings=False,
+                                  num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48,
+                                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+            seed=9000,
+            moe=True,
+        ),
+        dict(
+            name="mixtral",
+            cls=MixtralForCausalLM,
+            # 5 experts of width 128 (intermediate_size), 2 per token.
+            config=MixtralConfig(**COMMON, **tok_ids, tie_word_embeddings=False, sliding_window=None,
+                                 num_local_experts=5, num_experts_per_tok=2,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+            seed=10000,
+            moe=True,
+        ),
+        dict(
+            name="llama_yarn",
+            cls=LlamaForCausalLM,
+            # YaRN over an original context of 128 (x4 = the 512 positions):
+            # with head_dim 16 the ramp spans dimensions 0..3 of 8, so
+            # frequencies are kept, blended and interpolated; attention
+            # factor 0.1·ln(4) + 1.
+            config=LlamaConfig(**COMMON, **tok_ids, tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                "factor": 4.0,
+                                                "original_max_position_embeddings": 128}),
+            seed=14000,
+        ),
+        dict(
+            name="granite",
+            cls=GraniteForCausalLM,
+            # Every multiplier away from 1 (Granite 3's are 12, 1/128, 0.22
+            # and 8 at full size).
+            config=GraniteConfig(**COMMON, **tok_ids, tie_word_embeddings=False,
+                                 embedding_multiplier=2.0, attention_multiplier=0.15,
+                                 residual_multiplier=0.6, logits_scaling=1.5,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            seed=11000,
+        ),
+        dict(
+            name="smollm3",
+            cls=SmolLM3ForCausalLM,
+            # The middle layer has no RoPE (no_rope_layers[i] = 0).
+            config=SmolLM3Config(**COMMON, **tok_ids, tie_word_embeddings=False,
+                                 no_rope_layers=[1, 0, 1], use_sliding_window=False,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            seed=12000,
+        ),
+        dict(
+            name="olmo2",
+            cls=Olmo2ForCausalLM,
+            config=Olmo2Config(**COMMON, **tok_ids, tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            seed=13000,
+        ),
     ]
 
 
@@ -341,6 +415,15 @@ def reinit(model: nn.Module, gemma: bool, lin_gain: float = 1.5, emb_std: float 
                     module.weight.normal_(0.0, lin_gain / math.sqrt(module.in_features))
                 if module.bias is not None:
                     module.bias.uniform_(-0.5, 0.5)
+            elif kind.endswith("Experts"):
+                # transformers 5 keeps a layer's experts as 3-D tensors
+                # (saved per expert, as on the Hub).
+                module.gate_up_proj.normal_(0.0, lin_gain / math.sqrt(module.gate_up_proj.shape[-1]))
+                module.down_proj.normal_(0.0, lin_gain / math.sqrt(module.down_proj.shape[-1]))
+            elif kind.endswith("Router"):
+                # Peaked, uneven routing: a token's choice is clear (no
+                # near-ties between experts) and experts get different loads.
+                module.weight.normal_(0.0, 2.0 / math.sqrt(module.weight.shape[-1]))
             elif kind.endswith("RMSNorm"):
                 short = name.rsplit(".", 1)[-1]
                 if name in norm_overrides or short in norm_overrides:
@@ -435,6 +518,35 @@ def check_llama3_rope(model: nn.Module) -> dict:
     return {"inv_freq_ratio": [round(r, 4) for r in ratio]}
 
 
+@torch.no_grad()
+def check_moe_routing(model: nn.Module, ids: list[list[int]]) -> dict:
+    """Routing must use every expert, unevenly, with clear choices: per layer,
+    how many tokens each expert got, and the smallest gap between a token's
+    k-th and (k+1)-th expert probability."""
+    loads, gaps = {}, []
+
+    def hook(name):
+        def record(module, args, out):
+            logits, _, idx = out
+            probs = torch.softmax(logits.float(), -1).sort(-1, descending=True).values
+            gaps.append((probs[:, module.top_k - 1] - probs[:, module.top_k]).min().item())
+            counts = torch.bincount(idx.flatten(), minlength=probs.shape[-1])
+            loads[name] = [a + b for a, b in zip(loads.get(name, [0] * len(counts)), counts.tolist())]
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if type(m).__name__.endswith("Router")]
+    try:
+        for p in ids:
+            model(input_ids=torch.tensor([p]))
+    finally:
+        for h in handles:
+            h.remove()
+    for name, load in loads.items():
+        assert min(load) > 0 and max(load) >= 2 * min(load), f"{name}: expert loads {load}"
+    return {"expert_loads": loads, "min_topk_gap": min(gaps)}
+
+
 def write_tokenizer(tok: Tokenizer, dest: Path) -> None:
     tok.save(str(dest / "tokenizer.json"))
     (dest / "tokenizer_config.json").write_text(
@@ -470,6 +582,8 @@ def make_one(spec: dict, tok: Tokenizer, prompts: list[list[int]], ids: dict[str
     }
     if name == "llama3":
         stats.update(check_llama3_rope(model))
+    if spec.get("moe"):
+        stats.update(check_moe_routing(model, prompts))
     if name == "gemma2":
         stats.update(check_gemma2_softcaps(model, prompts))
         cfg = model.config
@@ -554,14 +668,17 @@ def main() -> None:
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     summary = {}
+    only = set(sys.argv[1:])  # names to (re)make; all when none are given
     for spec in specs(vocab, ids):
+        if only and spec["name"] not in only:
+            continue
         stats = make_one(spec, tok, prompts, ids)
         summary[spec["name"]] = stats
         print(f"{spec['name']}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in stats.items()))
     total = sum(f.stat().st_size for f in OUT_DIR.rglob("*") if f.is_file())
     print(f"total fixture size {total / 1e6:.2f} MB")
-    assert total < 10e6
+    assert total < 15e6  # the MoE fixtures carry 5-6 experts per layer
 
 
 if __name__ == "__main__":

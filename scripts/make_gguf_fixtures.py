@@ -6,6 +6,10 @@ What it makes, for the tests in tests/gguf.rs:
     {qwen2,llama,gemma2}-f32.gguf    exact parity with the transformers references
     {qwen2,llama,llama3,qwen3,phi3,gemma3}-q8_0.gguf
                                      top-1 agreement; llama.cpp's Q8_0 blocks
+    mixtral-{f32,q8_0}.gguf          mixture of experts: llama.cpp's merged
+                                     3-D expert tensors (its converter cannot
+                                     write the qwen3_moe fixture, whose dense
+                                     `mlp_only_layers` llama.cpp lacks)
 
 Each GGUF is what `convert_hf_to_gguf.py --outtype f32|q8_0` writes for the
 fixture's folder: Q and K rows permuted for `llama`, Gemma's norms stored as
@@ -28,7 +32,7 @@ converter from outside (the converter itself is untouched):
 
 Run it by hand when the fixtures or the converter change:
 
-    /work/pyenv/bin/python scripts/make_gguf_fixtures.py [LLAMA_CPP_DIR]
+    /work/pyenv/bin/python scripts/make_gguf_fixtures.py [LLAMA_CPP_DIR [NAME-OUTTYPE ...]]
 
 LLAMA_CPP_DIR defaults to the llama.cpp tree `scripts/compare_peers.sh` unpacks
 under target/peers/. It needs torch, transformers and llama.cpp's gguf-py
@@ -57,6 +61,8 @@ OUTPUTS = [
     ("qwen3", "q8_0"),
     ("phi3", "q8_0"),
     ("gemma3", "q8_0"),
+    ("mixtral", "f32"),
+    ("mixtral", "q8_0"),
 ]
 
 
@@ -110,7 +116,10 @@ def main() -> None:
 
     adapt(conversion)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    only = set(sys.argv[2:])  # e.g. mixtral-f32: remake only those
     for name, outtype in OUTPUTS:
+        if only and f"{name}-{outtype}" not in only:
+            continue
         out = OUT_DIR / f"{name}-{outtype}.gguf"
         sys.argv = [
             "convert_hf_to_gguf.py",

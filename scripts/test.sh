@@ -4,7 +4,9 @@
 # (and the GGUF tokenizer against llama.cpp's vocabulary test files, and
 # the tests that need a real trained model),
 # then the OpenAI client tests (the official `openai` package against
-# `taper serve`, in a venv made once in target/pyenv-ci).
+# `taper serve`, in a venv made once in target/pyenv-ci) and the chat page's
+# tests in a headless Chromium (Debian's `chromium`, driven by Playwright
+# from the same venv; screenshots in target/webui-screenshots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch_tokenizers.sh target/test-tokenizers
@@ -29,5 +31,9 @@ venv=target/pyenv-ci
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/openai_client/requirements.txt
-TAPER_BIN="$(cd "$target" && pwd)/debug/taper" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/openai_client
+"$venv/bin/python" -m pip install -q --disable-pip-version-check \
+  -r tests/openai_client/requirements.txt -r tests/webui/requirements.txt
+taper_bin="$(cd "$target" && pwd)/debug/taper"
+TAPER_BIN="$taper_bin" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/openai_client
+TAPER_BIN="$taper_bin" TAPER_WEBUI_SCREENSHOTS="$(cd "$target" && pwd)/webui-screenshots" \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/webui

@@ -72,11 +72,29 @@ const TOOL_USE_TEMPLATE: &str = "tool_use";
 /// One chat message as templates see it.
 ///
 /// Unknown fields are ignored on input (no `deny_unknown_fields`), so wire
-/// types can grow (tool calls, reasoning) without breaking this one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// types can grow without breaking this one. The optional fields are left
+/// out of what the template sees when absent, so `message.tool_calls is
+/// defined` is false on a plain turn, as in transformers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Message {
     pub role: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    /// An assistant turn's calls, as OpenAI's `tool_calls` (with each
+    /// `function.arguments` parsed into JSON when it parses, as the
+    /// templates that `tojson` it expect).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn: the function's name (some templates print it).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// An earlier assistant turn's thinking, sent back by the client
+    /// (Qwen3's template prints it for the turns after the last query).
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
 }
 
 impl Message {
@@ -84,8 +102,37 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
+}
+
+/// The optional fields are left out when absent, so a template's
+/// `is defined` tests see what transformers would pass.
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("role", &self.role)?;
+        map.serialize_entry("content", &self.content)?;
+        if let Some(calls) = &self.tool_calls {
+            map.serialize_entry("tool_calls", calls)?;
+        }
+        if let Some(id) = &self.tool_call_id {
+            map.serialize_entry("tool_call_id", id)?;
+        }
+        if let Some(name) = &self.name {
+            map.serialize_entry("name", name)?;
+        }
+        if let Some(reasoning) = &self.reasoning_content {
+            map.serialize_entry("reasoning_content", reasoning)?;
+        }
+        map.end()
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 /// What a render needs besides the messages.
@@ -109,6 +156,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     /// Name of the template used unless tools select `tool_use`.
     default_name: String,
+    /// Every template's source, for [`ChatTemplate::mentions`].
+    sources: Vec<String>,
     has_tool_use: bool,
     /// `bos_token`, `eos_token`, ... as strings; absent when unset.
     special_tokens: BTreeMap<String, String>,
@@ -194,12 +243,29 @@ impl ChatTemplate {
         )
     }
 
+    /// Whether any of the templates contains `needle`: how a model's
+    /// tool-call syntax and thinking tags are recognised (from what its
+    /// template writes, never from its name).
+    pub fn mentions(&self, needle: &str) -> bool {
+        self.sources.iter().any(|s| s.contains(needle))
+    }
+
     /// The special tokens passed to the template (`bos_token`, ...).
     pub fn special_tokens(&self) -> &BTreeMap<String, String> {
         &self.special_tokens
     }
 
     /// Renders a conversation to the prompt text.
+    ///
+    /// Templates disagree on a call's `function.arguments`: Llama 3.1's
+    /// `tojson`s it and wants an object (what transformers documents and
+    /// vLLM passes), DeepSeek's concatenates it and wants the string. The
+    /// object goes first; a template that fails on it gets the strings.
+    ///
+    /// An assistant turn that only called tools has `content: ""`, as vLLM
+    /// passes it (Qwen3's template tests `'</think>' in message.content`,
+    /// which fails on `none`), except for templates that find such turns
+    /// by `content is none` (DeepSeek's), which get `none`.
     pub fn render(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
         // transformers rejects an empty conversation before rendering; most
         // templates would fail on `messages[0]` with a less helpful message.
@@ -208,7 +274,51 @@ impl ChatTemplate {
                 "`messages` must contain at least one message".to_string(),
             ));
         }
+        if !messages.iter().any(|m| m.tool_calls.is_some()) {
+            return self.render_once(Value::from(Serde(messages)), opts);
+        }
+        let first = self.with_tool_turns(messages, false);
+        match self.render_once(first, opts) {
+            Err(e) => self
+                .render_once(self.with_tool_turns(messages, true), opts)
+                .map_err(|_| e),
+            ok => ok,
+        }
+    }
 
+    /// The messages as the template sees them when some carry calls.
+    fn with_tool_turns(&self, messages: &[Message], string_arguments: bool) -> Value {
+        let null_content = ["content is none", "content'] is none", "content\"] is none"]
+            .iter()
+            .any(|n| self.mentions(n));
+        let list: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or(serde_json::Value::Null);
+                if null_content && m.content.is_empty() && m.tool_calls.is_some() {
+                    v["content"] = serde_json::Value::Null;
+                }
+                if string_arguments {
+                    for call in v
+                        .get_mut("tool_calls")
+                        .and_then(|c| c.as_array_mut())
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(args) = call.pointer_mut("/function/arguments") {
+                            if !args.is_string() {
+                                *args = serde_json::Value::String(args.to_string());
+                            }
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        Value::from(Serde(list))
+    }
+
+    fn render_once(&self, messages: Value, opts: &RenderOptions) -> Result<String> {
         let mut ctx: BTreeMap<String, Value> = self
             .special_tokens
             .iter()
@@ -229,7 +339,7 @@ impl ChatTemplate {
                 ctx.insert(key.clone(), Value::from(Serde(value)));
             }
         }
-        ctx.insert("messages".into(), Value::from(Serde(messages)));
+        ctx.insert("messages".into(), messages);
         ctx.insert(
             "add_generation_prompt".into(),
             Value::from(opts.add_generation_prompt),
@@ -278,6 +388,7 @@ impl ChatTemplate {
             .map(|(name, _)| name.clone())
             .unwrap_or_else(|| "default".to_string());
         let has_tool_use = templates.iter().any(|(name, _)| name == TOOL_USE_TEMPLATE);
+        let sources = templates.iter().map(|(_, source)| source.clone()).collect();
         for (name, source) in templates {
             // Compiling here surfaces syntax errors when the model loads,
             // not at the first request.
@@ -287,6 +398,7 @@ impl ChatTemplate {
         Ok(ChatTemplate {
             env,
             default_name,
+            sources,
             has_tool_use,
             special_tokens,
             origin,

@@ -23,11 +23,23 @@ pub enum Architecture {
     Phi3,
     Gemma2,
     Gemma3,
+    /// Qwen3's attention with mixture-of-experts feed-forward layers.
+    Qwen3Moe,
+    /// Mistral's attention with mixture-of-experts feed-forward layers.
+    Mixtral,
+    /// Llama with multipliers on the embeddings, attention scores,
+    /// residual branches and logits.
+    Granite,
+    /// Llama without RoPE on some layers (`no_rope_layers`).
+    SmolLM3,
+    /// Norms after attention and the MLP only, q/k norms over the whole
+    /// projections.
+    Olmo2,
 }
 
 impl Architecture {
     /// Every supported class name, for error messages.
-    pub const SUPPORTED: [&'static str; 7] = [
+    pub const SUPPORTED: [&'static str; 12] = [
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
@@ -35,6 +47,11 @@ impl Architecture {
         "Phi3ForCausalLM",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "MixtralForCausalLM",
+        "GraniteForCausalLM",
+        "SmolLM3ForCausalLM",
+        "Olmo2ForCausalLM",
     ];
 
     fn from_class(name: &str) -> Option<Self> {
@@ -46,6 +63,11 @@ impl Architecture {
             "Phi3ForCausalLM" => Self::Phi3,
             "Gemma2ForCausalLM" => Self::Gemma2,
             "Gemma3ForCausalLM" => Self::Gemma3,
+            "Qwen3MoeForCausalLM" => Self::Qwen3Moe,
+            "MixtralForCausalLM" => Self::Mixtral,
+            "GraniteForCausalLM" => Self::Granite,
+            "SmolLM3ForCausalLM" => Self::SmolLM3,
+            "Olmo2ForCausalLM" => Self::Olmo2,
             _ => return None,
         })
     }
@@ -60,6 +82,11 @@ impl Architecture {
             Self::Phi3 => "Phi3ForCausalLM",
             Self::Gemma2 => "Gemma2ForCausalLM",
             Self::Gemma3 => "Gemma3ForCausalLM",
+            Self::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Self::Mixtral => "MixtralForCausalLM",
+            Self::Granite => "GraniteForCausalLM",
+            Self::SmolLM3 => "SmolLM3ForCausalLM",
+            Self::Olmo2 => "Olmo2ForCausalLM",
         }
     }
 
@@ -93,10 +120,54 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN: low frequencies interpolated by `factor`, high ones kept, a
+    /// linear ramp between the dimensions `beta_fast` and `beta_slow`
+    /// rotations mark over the original context, and cos/sin scaled by
+    /// `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        /// Round the ramp's ends to whole dimensions (the default).
+        truncate: bool,
+    },
     /// One divisor per frequency, given as numbers rather than a formula:
     /// how GGUF files carry Llama 3.1's scaling (llama.cpp's
     /// `rope_freqs.weight`).
     Factors(Vec<f32>),
+}
+
+/// The mixture-of-experts feed-forward layers of a model: each token's
+/// hidden state goes through `top_k` of `num_experts` MLPs, chosen and
+/// weighted by a linear router.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts each token goes through.
+    pub top_k: usize,
+    /// Rescale the chosen experts' routing weights to sum to 1 (Mixtral
+    /// always; Qwen3-MoE's `norm_topk_prob`).
+    pub norm_topk_prob: bool,
+    /// Each expert's intermediate width.
+    pub expert_intermediate_size: usize,
+    /// Per layer: whether its feed-forward is the expert block (Qwen3-MoE
+    /// keeps dense MLPs in `mlp_only_layers` and off `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
+    /// How the checkpoint names the block.
+    pub naming: MoeNaming,
+}
+
+/// Checkpoint names of an expert block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeNaming {
+    /// `mlp.gate` and `mlp.experts.{e}.{gate,up,down}_proj` (Qwen-MoE,
+    /// OLMoE).
+    Qwen,
+    /// `block_sparse_moe.gate` and `block_sparse_moe.experts.{e}.{w1,w3,w2}`
+    /// (gate, up, down: Mixtral).
+    Mixtral,
 }
 
 /// Rotary embedding parameters for one group of layers.
@@ -154,9 +225,23 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3).
     pub qk_norm: bool,
+    /// RMSNorm over the whole q and k projections instead (OLMo 2).
+    pub qk_norm_full: bool,
+    /// Norms before attention and the MLP (`input_layernorm` and
+    /// `post_attention_layernorm` / `pre_feedforward_layernorm`); OLMo 2
+    /// has only the norms after them.
+    pub pre_norms: bool,
+    /// Per layer: whether it rotates q and k (SmolLM3 skips every fourth).
+    pub rope_layers: Vec<bool>,
+    /// Granite: attention and MLP outputs are multiplied by this before
+    /// the residual add.
+    pub residual_scale: Option<f64>,
+    /// Granite: the logits are divided by this.
+    pub logit_divisor: Option<f64>,
     /// Gemma's RMSNorm multiplies by `1 + w` instead of `w`.
     pub norm_plus_one: bool,
-    /// Gemma's extra norms after attention and around the MLP.
+    /// Norms after attention and after the MLP (Gemma's, with its norms
+    /// before them too; OLMo 2's alone).
     pub sandwich_norms: bool,
     /// Gemma multiplies embeddings by `sqrt(hidden_size)`.
     pub embedding_scale: Option<f64>,
@@ -170,6 +255,8 @@ pub struct ModelConfig {
     pub fused_qkv: bool,
     /// Phi-3 stores gate and up in one `gate_up_proj` matrix.
     pub fused_gate_up: bool,
+    /// Mixture-of-experts feed-forward layers (Qwen3-MoE, Mixtral).
+    pub moe: Option<MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The file this came from, for error messages.
@@ -250,12 +337,26 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match arch {
             Architecture::Qwen2 => (true, false),
             Architecture::Llama
+            | Architecture::Granite
+            | Architecture::SmolLM3
+            | Architecture::Olmo2
             | Architecture::Qwen3
+            | Architecture::Qwen3Moe
             | Architecture::Gemma2
             | Architecture::Gemma3 => (attention_bias, attention_bias),
             _ => (false, false),
         };
-        let mlp_bias = arch == Architecture::Llama && fields.opt_bool("mlp_bias")?.unwrap_or(false);
+        let mlp_bias = matches!(
+            arch,
+            Architecture::Llama | Architecture::Granite | Architecture::SmolLM3
+        ) && fields.opt_bool("mlp_bias")?.unwrap_or(false);
+        let granite = |name: &str| -> Result<Option<f64>> {
+            Ok(if arch == Architecture::Granite {
+                fields.opt_f64(name)?
+            } else {
+                None
+            })
+        };
 
         let attn_scale = if arch.is_gemma() {
             let s = fields
@@ -265,8 +366,35 @@ impl ModelConfig {
                 return Err(fields.err("query_pre_attn_scalar must be positive".into()));
             }
             s.powf(-0.5)
+        } else if let Some(m) = granite("attention_multiplier")? {
+            // Granite's scores are q·k times this (in place of 1/√d).
+            m
         } else {
             (head_dim as f64).powf(-0.5)
+        };
+        let rope_layers = match arch {
+            // `no_rope_layers[i]` is 1 where layer i *uses* RoPE; by default
+            // every `no_rope_layer_interval`-th layer (4) does not.
+            Architecture::SmolLM3 => match fields.get("no_rope_layers") {
+                Some(Value::Array(flags)) if flags.len() == num_layers => flags
+                    .iter()
+                    .map(|f| match f.as_u64() {
+                        Some(1) => Ok(true),
+                        Some(0) => Ok(false),
+                        _ => Err(fields.err(format!("no_rope_layers holds {f}, not 0 or 1"))),
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                Some(other) => {
+                    return Err(fields.err(format!(
+                        "no_rope_layers must list 0 or 1 for each of the {num_layers} layers, not {other}"
+                    )))
+                }
+                None => {
+                    let every = fields.opt_usize("no_rope_layer_interval")?.unwrap_or(4).max(1);
+                    (0..num_layers).map(|i| (i + 1) % every != 0).collect()
+                }
+            },
+            _ => vec![true; num_layers],
         };
         let softcap =
             |name: &str| -> Result<Option<f64>> { Ok(fields.opt_f64(name)?.filter(|c| *c > 0.0)) };
@@ -300,15 +428,27 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Gemma3),
+            qk_norm: matches!(
+                arch,
+                Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
+            ),
+            qk_norm_full: arch == Architecture::Olmo2,
+            pre_norms: arch != Architecture::Olmo2,
+            rope_layers,
+            residual_scale: granite("residual_multiplier")?,
+            logit_divisor: granite("logits_scaling")?,
             norm_plus_one: arch.is_gemma(),
-            sandwich_norms: arch.is_gemma(),
-            embedding_scale: arch.is_gemma().then(|| (hidden_size as f64).sqrt()),
+            sandwich_norms: arch.is_gemma() || arch == Architecture::Olmo2,
+            embedding_scale: match granite("embedding_multiplier")? {
+                Some(m) => Some(m),
+                None => arch.is_gemma().then(|| (hidden_size as f64).sqrt()),
+            },
             attn_scale,
             attn_logit_softcap,
             final_logit_softcap,
             fused_qkv: arch == Architecture::Phi3,
             fused_gate_up: arch == Architecture::Phi3,
+            moe: fields.moe(arch, num_layers)?,
             bos_token_id: fields
                 .opt_token_ids("bos_token_id")?
                 .and_then(|v| v.first().copied()),
@@ -381,6 +521,24 @@ impl ModelConfig {
                             "rope_scaling.high_freq_factor ({high_freq_factor}) must be greater than low_freq_factor ({low_freq_factor})"
                         )));
                     }
+                }
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings,
+                    beta_fast,
+                    beta_slow,
+                    attention_factor,
+                    ..
+                } => {
+                    positive("rope_scaling.factor", *factor).map_err(err)?;
+                    positive(
+                        "rope_scaling.original_max_position_embeddings",
+                        *original_max_position_embeddings,
+                    )
+                    .map_err(err)?;
+                    positive("rope_scaling.beta_fast", *beta_fast).map_err(err)?;
+                    positive("rope_scaling.beta_slow", *beta_slow).map_err(err)?;
+                    positive("rope_scaling.attention_factor", *attention_factor).map_err(err)?;
                 }
                 RopeScaling::Factors(factors) => {
                     if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
@@ -611,6 +769,65 @@ impl Fields<'_> {
     /// Reads RoPE parameters from either the classic keys (`rope_theta`,
     /// `rope_scaling`) or transformers 5's `rope_parameters`, which may be
     /// keyed by layer type (`full_attention`, `sliding_attention`).
+    /// The expert layers of a mixture-of-experts architecture (`None` for
+    /// a dense one), with each family's defaults as `transformers` has them.
+    fn moe(&self, arch: Architecture, num_layers: usize) -> Result<Option<MoeConfig>> {
+        let (num_experts, expert_intermediate_size, norm_topk_prob, naming) = match arch {
+            Architecture::Qwen3Moe => (
+                // The Hub's configs say `num_experts`; transformers 5 writes
+                // `num_local_experts`.
+                match self.opt_usize("num_experts")? {
+                    Some(n) => n,
+                    None => self.usize("num_local_experts")?,
+                },
+                self.usize("moe_intermediate_size")?,
+                self.opt_bool("norm_topk_prob")?.unwrap_or(false),
+                MoeNaming::Qwen,
+            ),
+            Architecture::Mixtral => (
+                self.opt_usize("num_local_experts")?.unwrap_or(8),
+                self.usize("intermediate_size")?,
+                true,
+                MoeNaming::Mixtral,
+            ),
+            _ => return Ok(None),
+        };
+        let top_k = self.opt_usize("num_experts_per_tok")?.unwrap_or(2);
+        if num_experts == 0 || top_k == 0 || top_k > num_experts {
+            return Err(self.err(format!(
+                "num_experts_per_tok ({top_k}) must be between 1 and the number of experts ({num_experts})"
+            )));
+        }
+        let sparse_layers = match arch {
+            Architecture::Qwen3Moe => {
+                let step = self.opt_usize("decoder_sparse_step")?.unwrap_or(1);
+                if step == 0 {
+                    return Err(self.err("decoder_sparse_step must be at least 1".into()));
+                }
+                let dense: Vec<usize> = match self.get("mlp_only_layers") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                        self.err(format!(
+                            "mlp_only_layers must be a list of layer indices, not {v}"
+                        ))
+                    })?,
+                };
+                (0..num_layers)
+                    .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
+                    .collect()
+            }
+            _ => vec![true; num_layers],
+        };
+        Ok(Some(MoeConfig {
+            num_experts,
+            top_k,
+            norm_topk_prob,
+            expert_intermediate_size,
+            sparse_layers,
+            naming,
+        }))
+    }
+
     fn rope(&self, arch: Architecture) -> Result<(Rope, Option<Rope>)> {
         let default_theta = 10_000.0;
         let params = self.get("rope_parameters").and_then(Value::as_object);
@@ -677,9 +894,45 @@ impl Fields<'_> {
                         high_freq_factor: num("high_freq_factor")?,
                         original_max_position_embeddings: num("original_max_position_embeddings")?,
                     },
+                    "yarn" => {
+                        let factor = num("factor")?;
+                        let opt = |k: &str| s.get(k).and_then(Value::as_f64);
+                        let original = match opt("original_max_position_embeddings") {
+                            Some(o) => o,
+                            // As `from_json` defaults it.
+                            None => {
+                                self.opt_usize("max_position_embeddings")?.unwrap_or(4096) as f64
+                            }
+                        };
+                        // transformers' get_mscale: 0.1·m·ln(factor) + 1.
+                        let mscale = |m: f64| {
+                            if factor <= 1.0 {
+                                1.0
+                            } else {
+                                0.1 * m * factor.ln() + 1.0
+                            }
+                        };
+                        let attention_factor = match (
+                            opt("attention_factor"),
+                            opt("mscale").filter(|m| *m != 0.0),
+                            opt("mscale_all_dim").filter(|m| *m != 0.0),
+                        ) {
+                            (Some(a), _, _) => a,
+                            (None, Some(m), Some(all)) => mscale(m) / mscale(all),
+                            _ => mscale(1.0),
+                        };
+                        RopeScaling::Yarn {
+                            factor,
+                            original_max_position_embeddings: original,
+                            beta_fast: opt("beta_fast").filter(|b| *b != 0.0).unwrap_or(32.0),
+                            beta_slow: opt("beta_slow").filter(|b| *b != 0.0).unwrap_or(1.0),
+                            attention_factor,
+                            truncate: s.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                        }
+                    }
                     other => {
                         return Err(self.err(format!(
-                            "rope scaling type '{other}' is not supported (supported: default, linear, llama3)"
+                            "rope scaling type '{other}' is not supported (supported: default, linear, llama3, yarn)"
                         )))
                     }
                 }
@@ -722,11 +975,14 @@ impl Fields<'_> {
         }
         let all_full = vec![LayerAttention::Full; num_layers];
         match arch {
-            Architecture::Mistral | Architecture::Phi3 => match window {
+            Architecture::Mistral | Architecture::Phi3 | Architecture::Mixtral => match window {
                 Some(w) if w > 0 => Ok(vec![LayerAttention::Sliding { window: w }; num_layers]),
                 _ => Ok(all_full),
             },
-            Architecture::Qwen2 | Architecture::Qwen3 => {
+            Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Qwen3Moe
+            | Architecture::SmolLM3 => {
                 if self.opt_bool("use_sliding_window")?.unwrap_or(false) {
                     let max_window_layers =
                         self.opt_usize("max_window_layers")?.unwrap_or(num_layers);
@@ -767,7 +1023,7 @@ impl Fields<'_> {
                     })
                     .collect()
             }
-            Architecture::Llama => Ok(all_full),
+            Architecture::Llama | Architecture::Granite | Architecture::Olmo2 => Ok(all_full),
         }
     }
 }
@@ -812,6 +1068,76 @@ mod tests {
     }
 
     #[test]
+    fn expert_layers_follow_each_familys_fields() -> Result<()> {
+        let mut v = base("Qwen3MoeForCausalLM");
+        v["num_experts"] = json!(8);
+        v["num_experts_per_tok"] = json!(2);
+        v["moe_intermediate_size"] = json!(32);
+        v["decoder_sparse_step"] = json!(2);
+        v["mlp_only_layers"] = json!([3]);
+        let c = parse(v.clone())?;
+        let moe = c.moe.expect("expert layers");
+        assert_eq!(
+            (moe.num_experts, moe.top_k, moe.expert_intermediate_size),
+            (8, 2, 32)
+        );
+        assert!(!moe.norm_topk_prob, "Qwen3-MoE's default");
+        // Every second layer is sparse, except layer 3 (mlp_only_layers).
+        assert_eq!(moe.sparse_layers, vec![false, true, false, false]);
+        assert!(c.qk_norm);
+        // transformers 5 writes num_local_experts instead.
+        v.as_object_mut().expect("object").remove("num_experts");
+        v["num_local_experts"] = json!(6);
+        assert_eq!(parse(v.clone())?.moe.expect("moe").num_experts, 6);
+        v["num_experts_per_tok"] = json!(7);
+        let err = parse(v).expect_err("top-k above the experts").to_string();
+        assert!(err.contains("num_experts_per_tok (7)"), "{err}");
+
+        let mut v = base("MixtralForCausalLM");
+        v["num_local_experts"] = json!(4);
+        let moe = parse(v)?.moe.expect("expert layers");
+        assert_eq!((moe.num_experts, moe.top_k), (4, 2));
+        assert!(moe.norm_topk_prob && moe.sparse_layers.iter().all(|&s| s));
+        assert_eq!(
+            moe.expert_intermediate_size, 128,
+            "Mixtral's intermediate_size"
+        );
+        assert!(parse(base("LlamaForCausalLM"))?.moe.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn granite_smollm3_and_olmo2_switches() -> Result<()> {
+        let mut v = base("GraniteForCausalLM");
+        v["embedding_multiplier"] = json!(12.0);
+        v["attention_multiplier"] = json!(0.0078125);
+        v["residual_multiplier"] = json!(0.22);
+        v["logits_scaling"] = json!(8.0);
+        let c = parse(v)?;
+        assert_eq!(c.embedding_scale, Some(12.0));
+        assert_eq!(c.attn_scale, 0.0078125, "replaces 1/sqrt(head_dim)");
+        assert_eq!((c.residual_scale, c.logit_divisor), (Some(0.22), Some(8.0)));
+        // Llama reads none of them.
+        let mut v = base("LlamaForCausalLM");
+        v["residual_multiplier"] = json!(0.22);
+        let c = parse(v)?;
+        assert_eq!((c.residual_scale, c.embedding_scale), (None, None));
+
+        let mut v = base("SmolLM3ForCausalLM");
+        assert_eq!(parse(v.clone())?.rope_layers, vec![true, true, true, false]);
+        v["no_rope_layers"] = json!([1, 0, 1, 1]);
+        assert_eq!(parse(v.clone())?.rope_layers, vec![true, false, true, true]);
+        v["no_rope_layers"] = json!([1, 0]);
+        let err = parse(v).expect_err("one flag per layer").to_string();
+        assert!(err.contains("no_rope_layers"), "{err}");
+
+        let c = parse(base("Olmo2ForCausalLM"))?;
+        assert!(c.qk_norm_full && !c.qk_norm && !c.pre_norms && c.sandwich_norms);
+        assert!(c.rope_layers.iter().all(|&r| r));
+        Ok(())
+    }
+
+    #[test]
     fn gemma2_alternates_sliding_and_full_layers() -> Result<()> {
         let mut v = base("Gemma2ForCausalLM");
         v["sliding_window"] = json!(8);
@@ -849,9 +1175,41 @@ mod tests {
     #[test]
     fn unsupported_rope_type_is_an_error() {
         let mut v = base("LlamaForCausalLM");
-        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        v["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 4.0});
         let err = parse(v).unwrap_err().to_string();
-        assert!(err.contains("yarn"), "{err}");
+        assert!(err.contains("dynamic"), "{err}");
+    }
+
+    #[test]
+    fn yarn_takes_transformers_defaults() -> Result<()> {
+        let mut v = base("Qwen2ForCausalLM");
+        v["max_position_embeddings"] = json!(32768);
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
+        let RopeScaling::Yarn {
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+            ..
+        } = parse(v.clone())?.rope.scaling
+        else {
+            panic!("yarn");
+        };
+        assert_eq!(original_max_position_embeddings, 32768.0);
+        assert_eq!((beta_fast, beta_slow, truncate), (32.0, 1.0, true));
+        assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        // DeepSeek's mscale pair.
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 40.0, "mscale": 1.0,
+                                   "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096});
+        let RopeScaling::Yarn {
+            attention_factor, ..
+        } = parse(v)?.rope.scaling
+        else {
+            panic!("yarn");
+        };
+        assert_eq!(attention_factor, 1.0);
+        Ok(())
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod stopping;
 #[cfg(test)]
 mod test_values;
 pub mod tokenizer;
+pub mod tools;
 pub mod weights;
 
 pub use error::{Error, Result};

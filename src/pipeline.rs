@@ -19,6 +19,7 @@ use crate::models::{Decoder, Logits, SeqInput};
 use crate::quant::Quant;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
+use crate::tools::OutputSyntax;
 use crate::{Error, Result};
 
 /// Everything needed to turn text into a reply.
@@ -30,6 +31,9 @@ pub struct Pipeline {
     /// Token ids that end a reply: generation_config.json's, then config.json's
     /// and the tokenizer's EOS.
     pub eos_ids: Vec<u32>,
+    /// How the model writes tool calls and whether it thinks, read from its
+    /// template and vocabulary at load.
+    pub output: OutputSyntax,
     /// The vocabulary for constrained decoding, built on first use (a
     /// model never asked for structured output never pays for it).
     token_table: OnceLock<Result<Arc<TokenTable>, ConstraintError>>,
@@ -174,12 +178,19 @@ impl Pipeline {
         let mut seen = std::collections::HashSet::new();
         eos_ids.retain(|id| seen.insert(*id));
 
+        let output = OutputSyntax::detect(template.as_ref(), &tokenizer);
+        tracing::info!(
+            "tool calls: {}; reasoning: {}",
+            output.tool_format,
+            if output.reasoning { "<think>" } else { "none" }
+        );
         Pipeline {
             model,
             tokenizer,
             template,
             generation,
             eos_ids,
+            output,
             token_table: OnceLock::new(),
         }
     }
@@ -234,12 +245,7 @@ impl Pipeline {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let template = self.template.as_ref().ok_or_else(|| {
-            Error::InvalidRequest(
-                "this model has no chat template in tokenizer_config.json; pass one with --chat-template FILE, or use a raw prompt".into(),
-            )
-        })?;
-        let text = template.render(
+        let text = self.render_chat(
             messages,
             &RenderOptions {
                 add_generation_prompt,
@@ -247,6 +253,17 @@ impl Pipeline {
             },
         )?;
         self.tokenizer.encode_plain(&text)
+    }
+
+    /// Renders a conversation with the chat template (tools, template
+    /// arguments) to the prompt text.
+    pub fn render_chat(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(
+                "this model has no chat template in tokenizer_config.json; pass one with --chat-template FILE, or use a raw prompt".into(),
+            )
+        })?;
+        template.render(messages, opts)
     }
 
     /// Sampling defaults from generation_config.json, as `transformers`

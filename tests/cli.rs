@@ -357,3 +357,64 @@ fn a_gguf_path_that_is_not_a_file_is_named() {
         "{err}"
     );
 }
+
+/// Issue 13: `generate --chat --tools FILE` prints the reply as a JSON
+/// message: calls or content, never nothing; a bad tools file is named.
+#[test]
+fn generate_with_tools_prints_a_json_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tools = dir.path().join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]"#,
+    )
+    .expect("write");
+    let model = fixture("qwen2");
+    let model = model.to_str().expect("utf-8 path");
+    let tools_arg = tools.to_str().expect("utf-8 path");
+    let out = taper(&[
+        "generate",
+        "--model",
+        model,
+        "--chat",
+        "--tools",
+        tools_arg,
+        "--prompt",
+        "Weather?",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("tool calls: generic"),
+        "{}",
+        stderr(&out)
+    );
+    let message: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON message");
+    assert!(message["content"].is_string(), "{message}");
+    assert!(message["tool_calls"].is_array(), "{message}");
+    let called = !message["tool_calls"].as_array().is_some_and(Vec::is_empty);
+    assert!(
+        called || !message["content"].as_str().unwrap_or("").is_empty(),
+        "{message}"
+    );
+
+    std::fs::write(
+        &tools,
+        r#"[{"type": "function", "function": {"name": "bad name"}}]"#,
+    )
+    .expect("write");
+    let out = taper(&[
+        "generate", "--model", model, "--chat", "--tools", tools_arg, "--prompt", "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("tools[0].function.name"),
+        "{}",
+        stderr(&out)
+    );
+}

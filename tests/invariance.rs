@@ -31,7 +31,8 @@ use crate::common::{fixture, weight_files};
 const BLOCK: usize = 16;
 
 /// Every format taper runs, on fixtures that between them have grouped
-/// queries, a sliding window and soft-capping (Gemma 2), and a Q5_0 GGUF
+/// queries, a sliding window and soft-capping (Gemma 2), mixture-of-experts
+/// layers (tokens grouped by expert across the batch), and a Q5_0 GGUF
 /// file (stored again as Q8_0 at load).
 fn models() -> Vec<(String, Decoder)> {
     let safetensors = |name: &str, dtype: DType, quant: Quant| {
@@ -66,6 +67,8 @@ fn models() -> Vec<(String, Decoder)> {
         safetensors("llama", DType::F32, Quant::Q4_0),
         safetensors("gemma2", DType::F32, Quant::None),
         safetensors("gemma2", DType::BF16, Quant::Q4K),
+        safetensors("qwen3_moe", DType::F32, Quant::None),
+        safetensors("mixtral", DType::F32, Quant::Q8_0),
         gguf("llama3-q8_0.gguf"),
         gguf("qwen2-q5_0.gguf"),
     ]

@@ -89,11 +89,26 @@ fn compare(got: &Tensor, want: &Tensor) -> (usize, usize, f32) {
     (positions, top1, mean * positions as f32)
 }
 
+/// Mixture-of-experts fixtures move further under quantization than dense
+/// ones: a token whose router scores shift can take another expert, which
+/// changes its output wholesale (measured: Mixtral q4_k mean |Δ logprob|
+/// 2.73 and top-1 30% against the dense models' 1.46–1.96 and 40–78%; q6_k
+/// top-1 63%; Qwen3-MoE q8_0 0.36). Their bounds are these factors looser:
+/// still far from the near-uniform logits a wrong scale or block gives.
+const MOE_MEAN_FACTOR: f32 = 1.5;
+const MOE_TOP1_FACTOR: f32 = 0.8;
+
 /// Loads every fixture with `quant` and checks, per model, top-1 agreement
 /// on at least `min_top1` of the positions and a mean |Δ logprob| under
-/// `max_mean`.
+/// `max_mean` (looser for mixture-of-experts models, see above).
 fn check_agreement(quant: Quant, min_top1: f32, max_mean: f32) {
     for name in MODELS {
+        let moe = load(name, Quant::None).config().moe.is_some();
+        let (min_top1, max_mean) = if moe {
+            (min_top1 * MOE_TOP1_FACTOR, max_mean * MOE_MEAN_FACTOR)
+        } else {
+            (min_top1, max_mean)
+        };
         let r = Reference::load(name);
         let model = load(name, quant);
         let (mut positions, mut top1, mut lp_sum) = (0, 0, 0f32);

@@ -14,3 +14,4 @@ mod quant;
 mod server;
 mod streaming;
 mod structured;
+mod tools;

@@ -128,14 +128,20 @@ impl ModelArgs {
             format!("{dtype:?}, {} projections", names.join("/"))
         };
         eprintln!(
-            "loaded {} ({}, {:.1}M parameters, {}, {:.0} MiB of weights, {}) in {:.2}s",
+            "loaded {} ({}, {:.1}M parameters, {}, {:.0} MiB of weights, {}) in {:.2}s; tool calls: {}{}",
             self.model,
             cfg.architecture.class_name(),
             pipeline.model.num_parameters() as f64 / 1e6,
             precision,
             pipeline.model.weight_bytes() as f64 / (1 << 20) as f64,
             device_name,
-            start.elapsed().as_secs_f64()
+            start.elapsed().as_secs_f64(),
+            pipeline.output.tool_format,
+            if pipeline.output.reasoning {
+                ", thinking in <think>"
+            } else {
+                ""
+            }
         );
         Ok(pipeline)
     }

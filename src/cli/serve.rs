@@ -1,7 +1,7 @@
-//! `taper serve`: the OpenAI-compatible HTTP server. Binds at once and says
-//! where (`listening on http://HOST:PORT`, the real port when `--port 0`),
-//! loads the model on its own thread while `/health` answers 503, then
-//! serves until SIGINT/SIGTERM.
+//! `taper serve`: the OpenAI-compatible HTTP server and its chat page.
+//! Binds at once and says where (`listening on http://HOST:PORT`, the real
+//! port when `--port 0`), loads the model on its own thread while `/health`
+//! answers 503, then serves until SIGINT/SIGTERM.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +72,10 @@ pub struct ServeArgs {
     #[arg(long)]
     no_prefix_cache: bool,
 
+    /// Do not serve the browser chat page at `/` (the API only).
+    #[arg(long)]
+    no_webui: bool,
+
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM; then
     /// streams end with an error event and `[DONE]`, other requests get 503.
     #[arg(long, default_value_t = 30)]
@@ -111,6 +115,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
     eprintln!("listening on http://{addr}");
+    if !args.no_webui {
+        eprintln!("chat page: http://{addr}/");
+    }
 
     let mut config = ServerConfig::new(
         args.served_model_name
@@ -119,6 +126,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     config.api_key = args.api_key.clone();
     config.cors_allow_origins = args.cors_allow_origin.clone();
+    config.webui = !args.no_webui;
     if addr.ip().is_loopback() {
         config.allowed_hosts = Some(server::loopback_hosts(&args.host));
     }

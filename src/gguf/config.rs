@@ -11,12 +11,16 @@
 //! separate `output.weight`) is read from the tensor index, as llama.cpp
 //! does.
 
-use crate::config::{Activation, Architecture, LayerAttention, ModelConfig, Rope, RopeScaling};
+use crate::config::{
+    Activation, Architecture, LayerAttention, ModelConfig, MoeConfig, MoeNaming, Rope, RopeScaling,
+};
 use crate::gguf::GgufFile;
 use crate::{Error, Result};
 
 /// The `general.architecture` values taper loads.
-pub const SUPPORTED: [&str; 6] = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+pub const SUPPORTED: [&str; 7] = [
+    "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen3moe",
+];
 
 fn architecture(name: &str) -> Option<Architecture> {
     Some(match name {
@@ -27,6 +31,7 @@ fn architecture(name: &str) -> Option<Architecture> {
         "phi3" => Architecture::Phi3,
         "gemma2" => Architecture::Gemma2,
         "gemma3" => Architecture::Gemma3,
+        "qwen3moe" => Architecture::Qwen3Moe,
         _ => return None,
     })
 }
@@ -41,8 +46,14 @@ pub fn model_config(f: &GgufFile) -> Result<ModelConfig> {
         found: arch_name.to_string(),
         supported: format!("{} (GGUF general.architecture)", SUPPORTED.join(", ")),
     })?;
-    let gemma = matches!(arch, Architecture::Gemma2 | Architecture::Gemma3);
     let key = |k: &str| format!("{arch_name}.{k}");
+    // Mixtral converts to `llama` with experts.
+    let experts = f.usize(&key("expert_count"))?.unwrap_or(0);
+    let arch = match arch {
+        Architecture::Llama if experts > 0 => Architecture::Mixtral,
+        other => other,
+    };
+    let gemma = matches!(arch, Architecture::Gemma2 | Architecture::Gemma3);
 
     let hidden_size = f.require_usize(&key("embedding_length"))?;
     let num_layers = f.require_usize(&key("block_count"))?;
@@ -176,7 +187,15 @@ pub fn model_config(f: &GgufFile) -> Result<ModelConfig> {
         qkv_bias: has("blk.0.attn_q.bias"),
         o_bias: has("blk.0.attn_output.bias"),
         mlp_bias: has("blk.0.ffn_up.bias"),
-        qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Gemma3),
+        qk_norm: matches!(
+            arch,
+            Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
+        ),
+        qk_norm_full: false,
+        pre_norms: true,
+        rope_layers: vec![true; num_layers],
+        residual_scale: None,
+        logit_divisor: None,
         norm_plus_one: gemma,
         sandwich_norms: gemma,
         embedding_scale: gemma.then(|| (hidden_size as f64).sqrt()),
@@ -185,6 +204,7 @@ pub fn model_config(f: &GgufFile) -> Result<ModelConfig> {
         final_logit_softcap,
         fused_qkv: arch == Architecture::Phi3,
         fused_gate_up: arch == Architecture::Phi3,
+        moe: moe(f, arch, &key, num_layers, intermediate_size)?,
         bos_token_id: f.token_id("tokenizer.ggml.bos_token_id")?,
         eos_token_ids,
         source: f.path().to_path_buf(),
@@ -318,4 +338,41 @@ fn layer_attention(
             }
         })
         .collect())
+}
+
+/// The expert layers, from `{arch}.expert_count` and friends: llama.cpp's
+/// merged 3-D expert tensors serve every layer (it has no dense layers in a
+/// Qwen3-MoE or Mixtral file). llama.cpp renormalises the chosen experts'
+/// weights for both families, as Mixtral and the released Qwen3-MoE models
+/// (`norm_topk_prob: true`) do.
+fn moe(
+    f: &GgufFile,
+    arch: Architecture,
+    key: &dyn Fn(&str) -> String,
+    num_layers: usize,
+    intermediate_size: usize,
+) -> Result<Option<MoeConfig>> {
+    let naming = match arch {
+        Architecture::Mixtral => MoeNaming::Mixtral,
+        Architecture::Qwen3Moe => MoeNaming::Qwen,
+        _ => return Ok(None),
+    };
+    let num_experts = f.require_usize(&key("expert_count"))?;
+    let top_k = f.require_usize(&key("expert_used_count"))?;
+    if num_experts == 0 || top_k == 0 || top_k > num_experts {
+        return Err(f.err(format!(
+            "expert_used_count ({top_k}) must be between 1 and expert_count ({num_experts})"
+        )));
+    }
+    let expert_intermediate_size = f
+        .usize(&key("expert_feed_forward_length"))?
+        .unwrap_or(intermediate_size);
+    Ok(Some(MoeConfig {
+        num_experts,
+        top_k,
+        norm_topk_prob: true,
+        expert_intermediate_size,
+        sparse_layers: vec![true; num_layers],
+        naming,
+    }))
 }

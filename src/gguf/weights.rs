@@ -46,6 +46,36 @@ enum Fix {
     MinusOne,
 }
 
+/// The bytes of one tensor, or of one expert's slice of a merged one.
+struct Part<'a> {
+    entry: &'a TensorEntry,
+    bytes: &'a [u8],
+    /// Row-major, as the decoder asks for it.
+    shape: Vec<usize>,
+    /// Whether nothing of the entry is read after this part.
+    last: bool,
+}
+
+/// `(layer, expert, GGUF name)` for an expert's projection:
+/// `model.layers.{l}.mlp.experts.{e}.gate_proj.weight` (Qwen-MoE) or
+/// `model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight` (Mixtral) is
+/// expert `e` of llama.cpp's `blk.{l}.ffn_gate_exps.weight`.
+fn expert_name(hf: &str) -> Option<(usize, usize, &'static str)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let rest = rest
+        .strip_prefix("mlp.experts.")
+        .or_else(|| rest.strip_prefix("block_sparse_moe.experts."))?;
+    let (expert, rest) = rest.split_once('.')?;
+    let name = match rest.strip_suffix(".weight")? {
+        "gate_proj" | "w1" => "ffn_gate_exps",
+        "up_proj" | "w3" => "ffn_up_exps",
+        "down_proj" | "w2" => "ffn_down_exps",
+        _ => return None,
+    };
+    Some((layer.parse().ok()?, expert.parse().ok()?, name))
+}
+
 /// A [`GgufFile`]'s tensors as a [`TensorSource`] for one model config.
 pub struct GgufWeights<'a> {
     file: &'a GgufFile,
@@ -66,8 +96,16 @@ impl<'a> GgufWeights<'a> {
         }
     }
 
-    /// The GGUF name of a Hugging Face tensor name, and what to undo.
-    fn locate(&self, hf: &str) -> Option<(String, Fix)> {
+    /// The GGUF name of a Hugging Face tensor name, what to undo, and for
+    /// an expert's projection its index in llama.cpp's merged 3-D tensor.
+    fn locate(&self, hf: &str) -> Option<(String, Fix, Option<usize>)> {
+        if let Some((layer, expert, name)) = expert_name(hf) {
+            return Some((
+                format!("blk.{layer}.{name}.weight"),
+                Fix::None,
+                Some(expert),
+            ));
+        }
         let gemma = matches!(self.arch, Architecture::Gemma2 | Architecture::Gemma3);
         let norm_fix = if gemma { Fix::MinusOne } else { Fix::None };
         let top = match hf {
@@ -76,14 +114,14 @@ impl<'a> GgufWeights<'a> {
             "lm_head.weight" => Some(("output.weight".to_string(), Fix::None)),
             _ => None,
         };
-        if top.is_some() {
-            return top;
+        if let Some((name, fix)) = top {
+            return Some((name, fix, None));
         }
         let rest = hf.strip_prefix("model.layers.")?;
         let (layer, rest) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
         let (module, suffix) = rest.rsplit_once('.')?;
-        let permuted = self.arch == Architecture::Llama;
+        let permuted = matches!(self.arch, Architecture::Llama | Architecture::Mixtral);
         let (name, fix) = match module {
             "input_layernorm" => ("attn_norm", norm_fix),
             "self_attn.q_proj" if permuted => (
@@ -114,28 +152,55 @@ impl<'a> GgufWeights<'a> {
             "mlp.down_proj" => ("ffn_down", Fix::None),
             // Phi-3's fused gate and up stay fused, as `ffn_up`.
             "mlp.gate_up_proj" => ("ffn_up", Fix::None),
+            // The router.
+            "mlp.gate" | "block_sparse_moe.gate" => ("ffn_gate_inp", Fix::None),
             _ => return None,
         };
-        Some((format!("blk.{layer}.{name}.{suffix}"), fix))
+        Some((format!("blk.{layer}.{name}.{suffix}"), fix, None))
     }
 
-    /// The entry for a Hugging Face name, its shape checked.
-    fn entry(&self, hf: &str, shape: &[usize]) -> Result<(String, &'a TensorEntry, Fix)> {
+    /// The entry for a Hugging Face name, its shape checked: for an expert's
+    /// projection, its slice of the merged `[experts, rows, cols]` tensor.
+    fn entry(&self, hf: &str, shape: &[usize]) -> Result<(String, Part<'a>, Fix)> {
         let missing = |gguf: &str| Error::MissingTensor {
             name: format!("{gguf} ({hf})"),
             files: self.file.path().display().to_string(),
         };
-        let (gguf, fix) = self.locate(hf).ok_or_else(|| missing("no GGUF name"))?;
+        let (gguf, fix, expert) = self.locate(hf).ok_or_else(|| missing("no GGUF name"))?;
         let entry = self.file.tensor(&gguf).ok_or_else(|| missing(&gguf))?;
-        if entry.shape != shape {
-            return Err(Error::TensorShape {
-                name: gguf,
-                path: self.file.path().to_path_buf(),
-                found: entry.shape.clone(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok((gguf, entry, fix))
+        let bad_shape = |expected: Vec<usize>| Error::TensorShape {
+            name: gguf.clone(),
+            path: self.file.path().to_path_buf(),
+            found: entry.shape.clone(),
+            expected,
+        };
+        let part = match expert {
+            None if entry.shape == shape => Part {
+                entry,
+                bytes: self.file.bytes(entry),
+                shape: entry.shape.clone(),
+                last: true,
+            },
+            None => return Err(bad_shape(shape.to_vec())),
+            Some(e) => {
+                let experts = entry.shape.first().copied().unwrap_or(0);
+                if entry.shape.len() != 3 || entry.shape[1..] != *shape || e >= experts {
+                    let mut expected = vec![e + 1];
+                    expected.extend_from_slice(shape);
+                    return Err(bad_shape(expected));
+                }
+                // Experts are stored one after the other, each whole blocks.
+                let all = self.file.bytes(entry);
+                let size = all.len() / experts;
+                Part {
+                    entry,
+                    bytes: &all[e * size..(e + 1) * size],
+                    shape: shape.to_vec(),
+                    last: e + 1 == experts,
+                }
+            }
+        };
+        Ok((gguf, part, fix))
     }
 
     fn unsupported(&self, name: &str, dtype: GgmlDType) -> Error {
@@ -148,9 +213,9 @@ impl<'a> GgufWeights<'a> {
 
     /// The tensor on the CPU, in its file dtype if that is a float type,
     /// else dequantized to f32; with `fix` undone.
-    fn dense(&self, name: &str, entry: &TensorEntry, fix: Fix) -> Result<Tensor> {
-        let bytes = self.file.bytes(entry);
-        let shape = entry.shape.as_slice();
+    fn dense(&self, name: &str, part: &Part<'_>, fix: Fix) -> Result<Tensor> {
+        let (entry, bytes) = (part.entry, part.bytes);
+        let shape = part.shape.as_slice();
         let cpu = &Device::Cpu;
         let t = match entry.dtype {
             GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, cpu)?,
@@ -182,12 +247,14 @@ impl<'a> GgufWeights<'a> {
 
 impl TensorSource for GgufWeights<'_> {
     fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let (gguf, entry, fix) = self.entry(name, shape)?;
+        let (gguf, part, fix) = self.entry(name, shape)?;
         let t = self
-            .dense(&gguf, entry, fix)?
+            .dense(&gguf, &part, fix)?
             .to_dtype(dtype)?
             .to_device(device)?;
-        self.file.release(entry);
+        if part.last {
+            self.file.release(part.entry);
+        }
         Ok(t)
     }
 
@@ -197,8 +264,9 @@ impl TensorSource for GgufWeights<'_> {
         shape: &[usize],
         rows: Range<usize>,
     ) -> Result<Option<QMatrix>> {
-        let (gguf, entry, fix) = self.entry(name, shape)?;
-        let [n_rows, cols] = entry.shape[..] else {
+        let (gguf, part, fix) = self.entry(name, shape)?;
+        let entry = part.entry;
+        let [n_rows, cols] = part.shape[..] else {
             return Ok(None);
         };
         if rows.end > n_rows || rows.start > rows.end {
@@ -217,33 +285,31 @@ impl TensorSource for GgufWeights<'_> {
             // e.g. all of Qwen2.5-0.5B's 896-wide projections): stored again
             // in a format with kernels and at least its precision, instead of
             // dense f32, which would read 4-6x the bytes per token.
-            let dense = self.dense(&gguf, entry, fix)?;
-            let part = dense.narrow(0, rows.start, rows.len())?.contiguous()?;
-            let q = crate::quant::quantize_tensor(&part, target)?;
-            if rows.end == n_rows {
+            let dense = self.dense(&gguf, &part, fix)?;
+            let rows_part = dense.narrow(0, rows.start, rows.len())?.contiguous()?;
+            let q = crate::quant::quantize_tensor(&rows_part, target)?;
+            if rows.end == n_rows && part.last {
                 self.file.release(entry);
             }
             return Ok(Some(q));
         };
         let row_bytes = cols / entry.dtype.block_size() * entry.dtype.type_size();
         let bytes = match fix {
-            Fix::Unpermute { heads } => Cow::Owned(unpermute_rows(
-                self.file.bytes(entry),
-                n_rows,
-                row_bytes,
-                heads,
-            )?),
-            Fix::None => Cow::Borrowed(self.file.bytes(entry)),
+            Fix::Unpermute { heads } => {
+                Cow::Owned(unpermute_rows(part.bytes, n_rows, row_bytes, heads)?)
+            }
+            Fix::None => Cow::Borrowed(part.bytes),
             Fix::MinusOne => {
                 return Err(Error::InvalidRequest(format!(
                     "'{gguf}' is a norm, not a projection"
                 )))
             }
         };
-        let part = &bytes[rows.start * row_bytes..rows.end * row_bytes];
-        let q = QMatrix::from_ggml_bytes(format, part, rows.len(), cols)?;
-        // The last part of a fused tensor releases the whole of it.
-        if rows.end == n_rows {
+        let selected = &bytes[rows.start * row_bytes..rows.end * row_bytes];
+        let q = QMatrix::from_ggml_bytes(format, selected, rows.len(), cols)?;
+        // The last part of a fused tensor (and the last expert of a merged
+        // one) releases the whole of it.
+        if rows.end == n_rows && part.last {
             self.file.release(entry);
         }
         Ok(Some(q))

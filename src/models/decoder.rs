@@ -15,13 +15,14 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{LayerAttention, ModelConfig};
+use crate::config::{LayerAttention, ModelConfig, MoeNaming};
 use crate::cpu_attention::{self, Visibility};
 use crate::kv_cache::SeqKvCache;
 use crate::models::layers::{
     apply_rope, compute_dtype, grouped_attention, soft_cap, Embedding, Linear, Mlp, RmsNorm,
     RotaryEmbedding,
 };
+use crate::models::moe::MoeBlock;
 use crate::quant::Quant;
 use crate::weights::TensorSource;
 use crate::{Error, Result};
@@ -50,24 +51,74 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Per head, or over the whole projection (`ModelConfig::qk_norm_full`).
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// Whether q and k are rotated (SmolLM3 leaves some layers without).
+    rotary: bool,
     kind: LayerAttention,
     /// Index into the decoder's rotary tables (0: global, 1: local).
     rope: usize,
 }
 
 struct Layer {
-    input_norm: RmsNorm,
+    /// `None` for OLMo 2, which normalises only after each block.
+    input_norm: Option<RmsNorm>,
     attn: Attention,
     /// Gemma: normalises the attention output before the residual add.
     post_attn_norm: Option<RmsNorm>,
     /// The norm before the MLP (Llama's `post_attention_layernorm`,
-    /// Gemma's `pre_feedforward_layernorm`).
-    pre_mlp_norm: RmsNorm,
-    mlp: Mlp,
+    /// Gemma's `pre_feedforward_layernorm`; none in OLMo 2).
+    pre_mlp_norm: Option<RmsNorm>,
+    ffn: FeedForward,
     /// Gemma: normalises the MLP output before the residual add.
     post_mlp_norm: Option<RmsNorm>,
+}
+
+/// A layer's feed-forward part.
+enum FeedForward {
+    Dense(Mlp),
+    /// Mixture of experts (`models::moe`).
+    Moe(MoeBlock),
+}
+
+impl FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(m) => m.forward(x),
+            FeedForward::Moe(m) => m.forward(x),
+        }
+    }
+}
+
+impl Layer {
+    /// Weights of every norm of the layer.
+    fn norm_weights(&self) -> usize {
+        let a = &self.attn;
+        [
+            &self.input_norm,
+            &self.post_attn_norm,
+            &self.pre_mlp_norm,
+            &self.post_mlp_norm,
+            &a.q_norm,
+            &a.k_norm,
+        ]
+        .into_iter()
+        .flatten()
+        .map(RmsNorm::num_weights)
+        .sum()
+    }
+
+    /// Every projection of the layer, experts and router included.
+    fn linears(&self) -> Vec<&Linear> {
+        let a = &self.attn;
+        let mut all = vec![&a.q, &a.k, &a.v, &a.o];
+        match &self.ffn {
+            FeedForward::Dense(m) => all.extend([&m.gate, &m.up, &m.down]),
+            FeedForward::Moe(m) => all.extend(m.linears()),
+        }
+        all
+    }
 }
 
 /// A loaded model, ready to run forward passes.
@@ -218,10 +269,15 @@ impl Decoder {
                 )
             };
             let o = linear(&format!("{p}.self_attn.o_proj"), q_dim, h, c.o_bias)?;
-            let (q_norm, k_norm) = if c.qk_norm {
+            let (q_norm, k_norm) = if c.qk_norm || c.qk_norm_full {
+                let (qw, kw) = if c.qk_norm_full {
+                    (q_dim, kv_dim)
+                } else {
+                    (hd, hd)
+                };
                 (
-                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?),
-                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?),
+                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), qw)?),
+                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), kw)?),
                 )
             } else {
                 (None, None)
@@ -231,41 +287,95 @@ impl Decoder {
                 matches!(kind, LayerAttention::Sliding { .. }) && c.rope_local.is_some(),
             );
 
-            let inter = c.intermediate_size;
-            let (gate, up) = if c.fused_gate_up {
-                let name = format!("{p}.mlp.gate_up_proj.weight");
-                let [gate, up] = split_parts(fused(&name, &[inter, inter])?)?;
-                (gate, up)
-            } else {
-                (
-                    linear(&format!("{p}.mlp.gate_proj"), h, inter, c.mlp_bias)?,
-                    linear(&format!("{p}.mlp.up_proj"), h, inter, c.mlp_bias)?,
-                )
-            };
-            let down = linear(&format!("{p}.mlp.down_proj"), inter, h, c.mlp_bias)?;
-            let mlp = Mlp {
-                gate,
-                up,
-                down,
-                activation: c.activation,
+            let sparse = c
+                .moe
+                .as_ref()
+                .filter(|m| m.sparse_layers.get(i).copied().unwrap_or(false));
+            let ffn = match sparse {
+                Some(moe) => {
+                    let inter = moe.expert_intermediate_size;
+                    let (block, [w_gate, w_up, w_down]) = match moe.naming {
+                        MoeNaming::Qwen => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+                        MoeNaming::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+                    };
+                    // The router stays dense: it is small, and a quantized
+                    // router would move tokens between experts.
+                    let router = Linear::load(
+                        store,
+                        &format!("{p}.{block}.gate"),
+                        h,
+                        moe.num_experts,
+                        false,
+                        dtype,
+                        device,
+                        Quant::None,
+                    )?;
+                    let experts = (0..moe.num_experts)
+                        .map(|e| {
+                            let x = format!("{p}.{block}.experts.{e}");
+                            Ok(Mlp {
+                                gate: linear(&format!("{x}.{w_gate}"), h, inter, false)?,
+                                up: linear(&format!("{x}.{w_up}"), h, inter, false)?,
+                                down: linear(&format!("{x}.{w_down}"), inter, h, false)?,
+                                activation: c.activation,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    FeedForward::Moe(MoeBlock {
+                        router,
+                        experts,
+                        top_k: moe.top_k,
+                        norm_topk_prob: moe.norm_topk_prob,
+                    })
+                }
+                None => {
+                    let inter = c.intermediate_size;
+                    let (gate, up) = if c.fused_gate_up {
+                        let name = format!("{p}.mlp.gate_up_proj.weight");
+                        let [gate, up] = split_parts(fused(&name, &[inter, inter])?)?;
+                        (gate, up)
+                    } else {
+                        (
+                            linear(&format!("{p}.mlp.gate_proj"), h, inter, c.mlp_bias)?,
+                            linear(&format!("{p}.mlp.up_proj"), h, inter, c.mlp_bias)?,
+                        )
+                    };
+                    let down = linear(&format!("{p}.mlp.down_proj"), inter, h, c.mlp_bias)?;
+                    FeedForward::Dense(Mlp {
+                        gate,
+                        up,
+                        down,
+                        activation: c.activation,
+                    })
+                }
             };
 
             let (post_attn_norm, pre_mlp_norm, post_mlp_norm) = if c.sandwich_norms {
+                let pre_mlp = if c.pre_norms {
+                    Some(norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?)
+                } else {
+                    None
+                };
                 (
                     Some(norm(&format!("{p}.post_attention_layernorm.weight"), h)?),
-                    norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+                    pre_mlp,
                     Some(norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?),
                 )
             } else {
                 (
                     None,
-                    norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                    Some(norm(&format!("{p}.post_attention_layernorm.weight"), h)?),
                     None,
                 )
             };
+            let input_norm = if c.pre_norms {
+                Some(norm(&format!("{p}.input_layernorm.weight"), h)?)
+            } else {
+                None
+            };
 
             layers.push(Layer {
-                input_norm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                input_norm,
                 attn: Attention {
                     q,
                     k,
@@ -273,12 +383,13 @@ impl Decoder {
                     o,
                     q_norm,
                     k_norm,
+                    rotary: c.rope_layers.get(i).copied().unwrap_or(true),
                     kind,
                     rope,
                 },
                 post_attn_norm,
                 pre_mlp_norm,
-                mlp,
+                ffn,
                 post_mlp_norm,
             });
         }
@@ -346,14 +457,10 @@ impl Decoder {
             n += self.lm_head.num_weights();
         }
         for l in &self.layers {
-            let a = &l.attn;
-            for lin in [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down] {
+            for lin in l.linears() {
                 n += lin.num_weights();
             }
-            n += c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
-            if c.qk_norm {
-                n += 2 * c.head_dim;
-            }
+            n += l.norm_weights();
             if c.qkv_bias {
                 n += (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
             }
@@ -366,10 +473,7 @@ impl Decoder {
     /// may mix several (Q4_K_M: Q4_K and Q6_K).
     pub fn projection_formats(&self) -> Vec<Quant> {
         let mut formats = Vec::new();
-        let layers = self.layers.iter().flat_map(|l| {
-            let a = &l.attn;
-            [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down]
-        });
+        let layers = self.layers.iter().flat_map(Layer::linears);
         for lin in layers.chain([&self.lm_head]) {
             let f = lin.format();
             if f != Quant::None && !formats.contains(&f) {
@@ -404,14 +508,10 @@ impl Decoder {
             n += self.lm_head.weight_bytes();
         }
         for l in &self.layers {
-            let a = &l.attn;
-            for lin in [&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down] {
+            for lin in l.linears() {
                 n += lin.weight_bytes();
             }
-            n += 4 * c.hidden_size * (2 + 2 * usize::from(c.sandwich_norms));
-            if c.qk_norm {
-                n += 4 * 2 * c.head_dim;
-            }
+            n += 4 * l.norm_weights();
             if c.qkv_bias {
                 n += dsize * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
             }
@@ -547,22 +647,29 @@ impl Decoder {
             .map(|r| r.tables(&positions, self.dtype, &self.device))
             .collect::<Result<Vec<_>>>()?;
 
+        let norm = |n: &Option<RmsNorm>, x: &Tensor| match n {
+            Some(n) => n.forward(x),
+            None => Ok(x.clone()),
+        };
+        // Granite scales each block's output before the residual add.
+        let branch = |t: Tensor| -> Result<Tensor> {
+            Ok(match c.residual_scale {
+                Some(s) => (t * s)?,
+                None => t,
+            })
+        };
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
-            let h = layer.input_norm.forward(&x)?;
+            let h = norm(&layer.input_norm, &x)?;
             let (cos, sin) = &tables[layer.attn.rope];
-            let mut attn = self.attention(layer_idx, &layer.attn, &h, cos, sin, batch)?;
-            if let Some(n) = &layer.post_attn_norm {
-                attn = n.forward(&attn)?;
-            }
-            x = (residual + attn)?;
+            let attn = self.attention(layer_idx, &layer.attn, &h, cos, sin, batch)?;
+            let attn = norm(&layer.post_attn_norm, &attn)?;
+            x = (residual + branch(attn)?)?;
             let residual = x.clone();
-            let h = layer.pre_mlp_norm.forward(&x)?;
-            let mut m = layer.mlp.forward(&h)?;
-            if let Some(n) = &layer.post_mlp_norm {
-                m = n.forward(&m)?;
-            }
-            x = (residual + m)?;
+            let h = norm(&layer.pre_mlp_norm, &x)?;
+            let m = layer.ffn.forward(&h)?;
+            let m = norm(&layer.post_mlp_norm, &m)?;
+            x = (residual + branch(m)?)?;
         }
         for seq in batch.iter_mut() {
             seq.cache.advance(seq.tokens);
@@ -596,6 +703,9 @@ impl Decoder {
         let x = x.index_select(&rows, 0)?;
         let x = self.norm.forward(&x)?;
         let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        if let Some(d) = c.logit_divisor {
+            logits = (logits / d)?;
+        }
         if let Some(cap) = c.final_logit_softcap {
             logits = soft_cap(&logits, cap)?;
         }
@@ -627,16 +737,24 @@ impl Decoder {
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let groups = nh / nkv;
-        let [q, k, v] = Linear::forward_many([&a.q, &a.k, &a.v], h)?;
-        let mut q = q.reshape((t, nh, hd))?;
-        let mut k = k.reshape((t, nkv, hd))?;
-        let v = v.reshape((t, nkv, hd))?;
-        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+        let [mut q, mut k, v] = Linear::forward_many([&a.q, &a.k, &a.v], h)?;
+        let norms = a.q_norm.as_ref().zip(a.k_norm.as_ref());
+        if let (Some((qn, kn)), true) = (norms, c.qk_norm_full) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let mut q = q.reshape((t, nh, hd))?;
+        let mut k = k.reshape((t, nkv, hd))?;
+        let v = v.reshape((t, nkv, hd))?;
+        if let (Some((qn, kn)), false) = (norms, c.qk_norm_full) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let (q, k) = if a.rotary {
+            (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?)
+        } else {
+            (q, k)
+        };
 
         let mut outputs = Vec::with_capacity(batch.len());
         let mut offset = 0;

@@ -245,6 +245,11 @@ impl RmsNorm {
         })
     }
 
+    /// Weights (one per normalised value).
+    pub fn num_weights(&self) -> usize {
+        self.scale.elem_count()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
@@ -295,6 +300,39 @@ pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
                 *f /= factor as f32;
             }
         }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            // transformers' _compute_yarn_parameters: the dimension at which
+            // a frequency makes `rotations` turns over the original context.
+            let dim = head_dim as f64;
+            let correction = |rotations: f64| {
+                dim * (original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln()
+                    / (2.0 * rope.theta.ln())
+            };
+            let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+            if truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0) as f32, high.min(dim - 1.0) as f32);
+            if low == high {
+                high += 0.001;
+            }
+            let factor = factor as f32;
+            for (i, f) in inv.iter_mut().enumerate() {
+                let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp;
+                let extrapolated = *f;
+                let interpolated = 1.0 / (factor * base.powf(2.0 * i as f32 / head_dim as f32));
+                *f = interpolated * (1.0 - keep) + extrapolated * keep;
+            }
+        }
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -328,12 +366,21 @@ pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     inv_freq: Vec<f32>,
+    /// YaRN's attention factor, applied to cos and sin (1 otherwise).
+    scale: f32,
 }
 
 impl RotaryEmbedding {
     pub fn new(rope: &Rope, head_dim: usize) -> Self {
+        let scale = match rope.scaling {
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => attention_factor as f32,
+            _ => 1.0,
+        };
         RotaryEmbedding {
             inv_freq: inverse_frequencies(rope, head_dim),
+            scale,
         }
     }
 
@@ -350,8 +397,8 @@ impl RotaryEmbedding {
         for &p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * self.scale);
+                sin.push(angle.sin() * self.scale);
             }
         }
         let shape = (positions.len(), 1, half);

@@ -7,6 +7,7 @@
 
 pub mod decoder;
 pub mod layers;
+pub mod moe;
 
 use std::path::{Path, PathBuf};
 

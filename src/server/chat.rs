@@ -2,20 +2,27 @@
 //! either one `chat.completion` or a stream of `chat.completion.chunk`s
 //! (a role delta per choice, content deltas, a final chunk with
 //! `finish_reason`, the usage chunk when asked).
+//!
+//! Each choice's text goes through a [`OutputParser`] (thinking into
+//! `reasoning_content`, calls into `tool_calls`), the same one whether the
+//! response is streamed or not, so the two agree.
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::engine::Event;
+use crate::tools::parse::{
+    with_marker, Delta as ParsedDelta, OutputParser, Parsed, ParserConfig, ToolCall,
+};
 
 use super::error::AppError;
 use super::generation;
 use super::logprobs::chat_entry;
 use super::request::ChatRequest;
 use super::response::{
-    finish_reason, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
-    ChatLogprobs, Delta, Meta, Usage,
+    chat_finish_reason, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
+    ChatLogprobs, Delta, FunctionDelta, FunctionOut, Meta, ToolCallDelta, ToolCallOut, Usage,
 };
 use super::sse::{self, to_json, Chunker};
 use super::state::AppState;
@@ -43,6 +50,10 @@ pub async fn handler(
             completion_tokens: 0,
             choices,
             finished: 0,
+            parsers: (0..choices)
+                .map(|_| OutputParser::new(valid.parser.clone()))
+                .collect(),
+            markers: valid.special_markers.clone(),
         };
         return Ok(sse::respond(
             generation::merge(receivers),
@@ -61,20 +72,54 @@ pub async fn handler(
         choices: outputs
             .into_iter()
             .enumerate()
-            .map(|(index, o)| ChatChoice {
-                index,
-                logprobs: valid.logprobs.map(|_| ChatLogprobs {
-                    content: o.logprobs.iter().map(chat_entry).collect(),
-                }),
-                finish_reason: finish_reason(o.finish),
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: o.text,
-                },
+            .map(|(index, o)| {
+                let message = message(&valid.parser, &valid.special_markers, &o.pieces);
+                let called = message.tool_calls.is_some();
+                ChatChoice {
+                    index,
+                    logprobs: valid.logprobs.map(|_| ChatLogprobs {
+                        content: o.logprobs.iter().map(chat_entry).collect(),
+                    }),
+                    finish_reason: chat_finish_reason(o.finish, called),
+                    message,
+                }
             })
             .collect(),
     };
     Ok(Json(body).into_response())
+}
+
+/// A whole choice's message, from its tokens.
+fn message(
+    cfg: &ParserConfig,
+    markers: &[(u32, String)],
+    pieces: &[(u32, String)],
+) -> AssistantMessage {
+    let parsed = Parsed::from_tokens(cfg.clone(), markers, pieces);
+    let calls: Vec<ToolCallOut> = parsed.calls.into_iter().map(call_out).collect();
+    // OpenAI sends `null` content beside calls, and a string otherwise.
+    let content = if !calls.is_empty() && parsed.content.trim().is_empty() {
+        None
+    } else {
+        Some(parsed.content)
+    };
+    AssistantMessage {
+        role: "assistant",
+        content,
+        reasoning_content: (!parsed.reasoning.is_empty()).then_some(parsed.reasoning),
+        tool_calls: (!calls.is_empty()).then_some(calls),
+    }
+}
+
+fn call_out(c: ToolCall) -> ToolCallOut {
+    ToolCallOut {
+        id: c.id,
+        kind: "function",
+        function: FunctionOut {
+            name: c.name,
+            arguments: c.arguments,
+        },
+    }
 }
 
 /// Chat's stream chunks.
@@ -86,6 +131,9 @@ struct ChatChunker {
     completion_tokens: usize,
     choices: usize,
     finished: usize,
+    /// One per choice.
+    parsers: Vec<OutputParser>,
+    markers: Vec<(u32, String)>,
 }
 
 impl ChatChunker {
@@ -98,6 +146,52 @@ impl ChatChunker {
             choices,
             usage,
         })
+    }
+
+    /// The stream deltas of parsed output. A call goes out as two deltas,
+    /// OpenAI's shape: its id, type and name (empty arguments), then its
+    /// arguments.
+    fn deltas(parsed: Vec<ParsedDelta>) -> Vec<Delta> {
+        let mut out = Vec::new();
+        for p in parsed {
+            match p {
+                ParsedDelta::Content(text) => out.push(Delta {
+                    content: Some(text),
+                    ..Delta::default()
+                }),
+                ParsedDelta::Reasoning(text) => out.push(Delta {
+                    reasoning_content: Some(text),
+                    ..Delta::default()
+                }),
+                ParsedDelta::Call { index, call } => {
+                    out.push(Delta {
+                        tool_calls: Some(vec![ToolCallDelta {
+                            index,
+                            id: Some(call.id),
+                            kind: Some("function"),
+                            function: FunctionDelta {
+                                name: Some(call.name),
+                                arguments: String::new(),
+                            },
+                        }]),
+                        ..Delta::default()
+                    });
+                    out.push(Delta {
+                        tool_calls: Some(vec![ToolCallDelta {
+                            index,
+                            id: None,
+                            kind: None,
+                            function: FunctionDelta {
+                                name: None,
+                                arguments: call.arguments,
+                            },
+                        }]),
+                        ..Delta::default()
+                    });
+                }
+            }
+        }
+        out
     }
 
     fn delta(
@@ -126,6 +220,7 @@ impl Chunker for ChatChunker {
                 let delta = Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    ..Delta::default()
                 };
                 self.delta(index, delta, None, None)
             })
@@ -135,23 +230,42 @@ impl Chunker for ChatChunker {
     fn event(&mut self, choice: usize, event: Event) -> Result<Vec<String>, AppError> {
         Ok(match event {
             Event::PromptLogprobs(_) => Vec::new(),
-            Event::Token { text, logprob, .. } => {
-                if text.is_empty() && logprob.is_none() {
-                    return Ok(Vec::new());
-                }
-                let logprobs = self.logprobs.then(|| ChatLogprobs {
+            Event::Token { id, text, logprob } => {
+                let text = with_marker(&self.markers, id, text);
+                let parsed = match self.parsers.get_mut(choice) {
+                    Some(parser) => parser.push(&text),
+                    None => return Err(AppError::internal(format!("no choice {choice}"))),
+                };
+                let mut deltas = Self::deltas(parsed);
+                let mut logprobs = self.logprobs.then(|| ChatLogprobs {
                     content: logprob.iter().map(chat_entry).collect(),
                 });
-                let delta = Delta {
-                    role: None,
-                    content: Some(text),
-                };
-                vec![self.delta(choice, delta, logprobs, None)]
+                if deltas.is_empty() {
+                    if logprobs.as_ref().is_none_or(|l| l.content.is_empty()) {
+                        return Ok(Vec::new());
+                    }
+                    // Held-back text still has its token's logprob to send.
+                    deltas.push(Delta::default());
+                }
+                deltas
+                    .into_iter()
+                    .map(|d| self.delta(choice, d, logprobs.take(), None))
+                    .collect()
             }
             Event::Done { finish, usage, .. } => {
                 self.finished += 1;
                 self.completion_tokens += usage.completion_tokens;
-                vec![self.delta(choice, Delta::default(), None, Some(finish_reason(finish)))]
+                let (rest, called) = match self.parsers.get_mut(choice) {
+                    Some(parser) => (parser.finish(), parser.calls() > 0),
+                    None => return Err(AppError::internal(format!("no choice {choice}"))),
+                };
+                let mut chunks: Vec<String> = Self::deltas(rest)
+                    .into_iter()
+                    .map(|d| self.delta(choice, d, None, None))
+                    .collect();
+                let reason = chat_finish_reason(finish, called);
+                chunks.push(self.delta(choice, Delta::default(), None, Some(reason)));
+                chunks
             }
             Event::Error(message) => return Err(AppError::internal(message)),
         })
@@ -180,6 +294,20 @@ mod tests {
     use crate::stopping::FinishReason;
 
     fn chunker(choices: usize) -> ChatChunker {
+        tool_chunker(choices, None, false)
+    }
+
+    fn tool_chunker(
+        choices: usize,
+        tools: Option<crate::tools::ToolFormat>,
+        reasoning: bool,
+    ) -> ChatChunker {
+        let cfg = ParserConfig {
+            tools,
+            reasoning,
+            starts_in_reasoning: false,
+            parallel: true,
+        };
         ChatChunker {
             meta: Meta::new("chatcmpl", "m"),
             logprobs: false,
@@ -188,7 +316,113 @@ mod tests {
             completion_tokens: 0,
             choices,
             finished: 0,
+            parsers: (0..choices)
+                .map(|_| OutputParser::new(cfg.clone()))
+                .collect(),
+            markers: vec![(99, "<|python_tag|>".into())],
         }
+    }
+
+    fn done_stop(n: usize) -> Event {
+        match done(n) {
+            Event::Done { usage, timing, .. } => Event::Done {
+                finish: FinishReason::Stop,
+                usage,
+                timing,
+            },
+            other => other,
+        }
+    }
+
+    fn special(id: u32) -> Event {
+        Event::Token {
+            id,
+            text: String::new(),
+            logprob: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn streamed_calls_and_thinking_match_the_whole_message() {
+        use crate::tools::ToolFormat;
+        let pieces = [
+            "<th",
+            "ink>",
+            "Need ",
+            "weather.",
+            "</think>",
+            "\n\n",
+            "<tool_",
+            "call>\n{\"name\": ",
+            "\"get_weather\", \"arguments\": {\"city\": ",
+            "\"Paris\"}}\n</tool_call>",
+        ];
+        let mut events: Vec<(usize, Event)> = pieces.iter().map(|p| (0, token(p))).collect();
+        events.push((0, done_stop(pieces.len())));
+        let data = data(events, tool_chunker(1, Some(ToolFormat::Hermes), true)).await;
+        let chunks: Vec<serde_json::Value> = data
+            .iter()
+            .filter(|d| d.as_str() != "[DONE]")
+            .map(|d| json(d))
+            .collect();
+        let mut reasoning = String::new();
+        let mut content = String::new();
+        let mut arguments = String::new();
+        let mut names = Vec::new();
+        for c in &chunks {
+            let d = &c["choices"][0]["delta"];
+            reasoning.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+            content.push_str(d["content"].as_str().unwrap_or(""));
+            if let Some(calls) = d["tool_calls"].as_array() {
+                assert_eq!(calls[0]["index"], 0);
+                if let Some(name) = calls[0]["function"]["name"].as_str() {
+                    assert!(calls[0]["id"].as_str().unwrap_or("").starts_with("call_"));
+                    assert_eq!(calls[0]["type"], "function");
+                    names.push(name.to_owned());
+                }
+                arguments.push_str(calls[0]["function"]["arguments"].as_str().unwrap_or(""));
+            }
+        }
+        assert_eq!(reasoning, "Need weather.");
+        assert_eq!(content, "");
+        assert_eq!(names, vec!["get_weather"]);
+        assert_eq!(arguments, r#"{"city":"Paris"}"#);
+        let finish = chunks
+            .iter()
+            .find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_owned));
+        assert_eq!(finish.as_deref(), Some("tool_calls"));
+
+        // The non-streamed message of the same tokens.
+        let cfg = ParserConfig {
+            tools: Some(ToolFormat::Hermes),
+            reasoning: true,
+            starts_in_reasoning: false,
+            parallel: true,
+        };
+        let ids: Vec<(u32, String)> = pieces.iter().map(|p| (1, p.to_string())).collect();
+        let m = message(&cfg, &[], &ids);
+        assert_eq!(m.reasoning_content.as_deref(), Some("Need weather."));
+        assert_eq!(m.content, None);
+        let calls = m.tool_calls.expect("calls");
+        assert_eq!(calls[0].function.arguments, arguments);
+    }
+
+    #[tokio::test]
+    async fn a_skipped_special_marker_is_put_back_for_the_parser() {
+        use crate::tools::ToolFormat;
+        let events = vec![
+            (0, special(99)),
+            (0, token("{\"name\": \"f\", \"parameters\": {}}")),
+            (0, done_stop(2)),
+        ];
+        let data = data(events, tool_chunker(1, Some(ToolFormat::Llama3Json), false)).await;
+        let joined = data.join("\n");
+        assert!(joined.contains("\"name\":\"f\""), "{joined}");
+        assert!(
+            joined.contains("\"finish_reason\":\"tool_calls\""),
+            "{joined}"
+        );
+        assert!(!joined.contains("python_tag"), "{joined}");
     }
 
     fn token(text: &str) -> Event {

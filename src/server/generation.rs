@@ -32,6 +32,9 @@ pub fn submit_all(
 #[derive(Debug, Clone)]
 pub struct ChoiceOutput {
     pub text: String,
+    /// Each token's id and the text it completed (its concatenation is
+    /// `text`): the tool-call parser needs the ids of special markers.
+    pub pieces: Vec<(u32, String)>,
     /// Generated tokens' logprobs, when asked for.
     pub logprobs: Vec<TokenLogprob>,
     /// The prompt's logprobs, when asked for (`None` for the first token).
@@ -43,22 +46,25 @@ pub struct ChoiceOutput {
 /// Runs one choice to its end.
 pub async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<ChoiceOutput, AppError> {
     let mut text = String::new();
+    let mut pieces = Vec::new();
     let mut logprobs = Vec::new();
     let mut prompt_logprobs = None;
     while let Some(event) = rx.recv().await {
         match event {
             Event::PromptLogprobs(v) => prompt_logprobs = Some(v),
             Event::Token {
+                id,
                 text: piece,
                 logprob,
-                ..
             } => {
                 text.push_str(&piece);
+                pieces.push((id, piece));
                 logprobs.extend(logprob);
             }
             Event::Done { finish, usage, .. } => {
                 return Ok(ChoiceOutput {
                     text,
+                    pieces,
                     logprobs,
                     prompt_logprobs,
                     finish,

@@ -41,7 +41,8 @@ pub async fn refuse_foreign(State(state): State<AppState>, req: Request, next: N
         }
     }
     if let Some(origin) = req.headers().get(header::ORIGIN) {
-        if !origin_allowed(origin, &config.cors_allow_origins) {
+        let host = req.headers().get(header::HOST);
+        if !same_origin(origin, host) && !origin_allowed(origin, &config.cors_allow_origins) {
             let origin = String::from_utf8_lossy(origin.as_bytes());
             return AppError::forbidden(
                 "forbidden_origin",
@@ -67,6 +68,19 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
         }
     };
     allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// Whether `origin` is the server itself as the browser reached it (its
+/// scheme-less part equals `Host`): a page the server serves posting back
+/// to it, which is no cross-site request. A rebound DNS name also looks
+/// same-origin, which is why a loopback server checks `Host` first.
+fn same_origin(origin: &HeaderValue, host: Option<&HeaderValue>) -> bool {
+    let (Ok(origin), Some(Ok(host))) = (origin.to_str(), host.map(|h| h.to_str())) else {
+        return false;
+    };
+    origin.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https") && !host.is_empty() && rest.eq_ignore_ascii_case(host)
+    })
 }
 
 /// Whether an `Origin` is one `--cors-allow-origin` allows (`*`: any).
@@ -178,6 +192,24 @@ mod tests {
         }
         assert!(host_allowed("myhost:80", &loopback_hosts("myhost")));
         assert!(host_allowed("[::1]:80", &loopback_hosts("::1")));
+    }
+
+    #[test]
+    fn the_servers_own_origin_is_not_cross_site() {
+        let host = HeaderValue::from_static("127.0.0.1:8080");
+        let own = HeaderValue::from_static("http://127.0.0.1:8080");
+        assert!(same_origin(&own, Some(&host)));
+        for other in [
+            "http://127.0.0.1:8081",
+            "http://evil.example",
+            "null",
+            "http://127.0.0.1:8080.evil.example",
+            "file://127.0.0.1:8080",
+        ] {
+            let other = HeaderValue::from_str(other).expect("header");
+            assert!(!same_origin(&other, Some(&host)), "{other:?}");
+        }
+        assert!(!same_origin(&own, None));
     }
 
     #[test]

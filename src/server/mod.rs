@@ -25,6 +25,7 @@ mod routes;
 mod sse;
 pub mod state;
 pub mod validate;
+mod webui;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -34,9 +35,9 @@ pub use error::AppError;
 pub use middleware::loopback_hosts;
 pub use state::{AppState, Defaults, Ready, ServerConfig, StopSignal};
 
-/// Every route, with foreign origins and hosts refused, the API key check on
-/// `/v1/*`, the body limit, CORS when configured, and responses counted by
-/// status.
+/// Every route (the chat page too, unless [`ServerConfig::webui`] is off),
+/// with foreign origins and hosts refused, the API key check on `/v1/*`,
+/// the body limit, CORS when configured, and responses counted by status.
 pub fn router(state: AppState) -> Router {
     let config = state.config();
     let v1 = Router::new()
@@ -50,7 +51,11 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
-        .merge(v1)
+        .merge(v1);
+    if config.webui {
+        app = app.merge(webui::routes());
+    }
+    app = app
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(config.body_limit));

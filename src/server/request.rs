@@ -9,6 +9,12 @@
 //!
 //! Numbers a client could send out of range are read wide (`i64`) so that
 //! validation, not serde, words the message.
+//!
+//! Fields of OpenAI's API that taper does not implement are the exception
+//! to "unknown fields are ignored": [`UNSUPPORTED_CHAT_FIELDS`] lists them,
+//! and a chat request that sets one gets a 400 naming it, since ignoring
+//! it would hand the client an answer it did not ask for.
+//! [`IGNORED_FIELDS`] lists those that are safe to ignore.
 
 use std::collections::HashMap;
 
@@ -72,6 +78,39 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
+/// Fields of OpenAI's chat API that taper does not implement, with why: a
+/// request setting one (to anything but `null`) is refused with a 400 that
+/// names it. `modalities` is checked apart: `["text"]` is what taper does.
+pub const UNSUPPORTED_CHAT_FIELDS: &[(&str, &str)] = &[
+    ("audio", "audio output is not supported"),
+    ("prediction", "predicted outputs are not supported"),
+    ("web_search_options", "web search is not supported"),
+    (
+        "functions",
+        "the legacy `functions` field is not supported; send `tools`",
+    ),
+    (
+        "function_call",
+        "the legacy `function_call` field is not supported; send `tool_choice`",
+    ),
+    (
+        "reasoning_effort",
+        "`reasoning_effort` is not supported; a thinking model's template may take `chat_template_kwargs` (e.g. {\"enable_thinking\": false})",
+    ),
+    ("verbosity", "`verbosity` is not supported"),
+];
+
+/// Fields accepted and ignored on every endpoint: bookkeeping for OpenAI's
+/// platform that changes nothing in the output.
+pub const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+];
+
 /// The fields only `/v1/chat/completions` has.
 #[derive(Debug, Deserialize)]
 #[serde(expecting = "a JSON object")]
@@ -81,6 +120,16 @@ pub struct ChatFields {
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// Function tools, checked by validation (`{"type": "function",
+    /// "function": {name, description, parameters}}`).
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `"none" | "auto" | "required" | {"type": "function", "function": {"name"}}`.
+    pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// vLLM's extension: extra variables for the chat template.
+    pub chat_template_kwargs: Option<serde_json::Value>,
+    /// Only `["text"]` is supported.
+    pub modalities: Option<Vec<String>>,
 }
 
 /// One chat message.
@@ -89,6 +138,30 @@ pub struct WireMessage {
     pub role: String,
     /// Absent or null for an assistant turn that only called tools.
     pub content: Option<Content>,
+    /// An assistant turn's calls.
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// The speaker's or the function's name.
+    pub name: Option<String>,
+    /// An earlier turn's thinking, as this server returned it.
+    pub reasoning_content: Option<String>,
+}
+
+/// A call in an assistant turn sent back by the client.
+#[derive(Debug, Deserialize)]
+pub struct WireToolCall {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: WireFunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunctionCall {
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    pub arguments: String,
 }
 
 /// A message's content: text, or a list of parts of which taper reads the
@@ -170,11 +243,13 @@ impl FromRequest<AppState> for ChatRequest {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
         let bytes = read_body(req, state).await?;
-        Ok(ChatRequest {
+        let request = ChatRequest {
             chat: parse(&bytes)?,
             sampling: parse(&bytes)?,
             structured: parse(&bytes)?,
-        })
+        };
+        refuse_unsupported(&bytes)?;
+        Ok(request)
     }
 }
 
@@ -231,6 +306,32 @@ fn is_json(value: &header::HeaderValue) -> bool {
     };
     let essence = value.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case("application/json")
+}
+
+/// Whether a field was set to something other than `null`, read without
+/// building its value.
+struct Set(bool);
+
+impl<'de> Deserialize<'de> for Set {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Set(
+            Option::<serde::de::IgnoredAny>::deserialize(d)?.is_some()
+        ))
+    }
+}
+
+/// A 400 for the first field of [`UNSUPPORTED_CHAT_FIELDS`] the body sets.
+fn refuse_unsupported(bytes: &[u8]) -> Result<(), AppError> {
+    let fields: HashMap<String, Set> = parse(bytes)?;
+    for (name, why) in UNSUPPORTED_CHAT_FIELDS {
+        if fields.get(*name).is_some_and(|set| set.0) {
+            return Err(AppError::invalid(
+                name,
+                format!("`{name}`: {why}. Leave it out or set it to null."),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses JSON with axum's extractor logic (serde path in the message); the
@@ -296,6 +397,36 @@ mod tests {
         assert!(!json("application/x-www-form-urlencoded"));
         assert!(!json("multipart/form-data; boundary=x"));
         assert!(!json("application/jsonp"));
+    }
+
+    #[test]
+    fn unsupported_fields_are_named_and_ignored_ones_pass() {
+        for (name, _) in UNSUPPORTED_CHAT_FIELDS {
+            let body = format!(r#"{{"messages": [], "{name}": {{"x": 1}}}}"#);
+            let e = refuse_unsupported(body.as_bytes()).expect_err(name);
+            assert_eq!(e.detail.param.as_deref(), Some(*name));
+            assert!(e.detail.message.contains(name), "{e:?}");
+            let null = format!(r#"{{"messages": [], "{name}": null}}"#);
+            refuse_unsupported(null.as_bytes()).expect("null is unset");
+        }
+        for name in IGNORED_FIELDS {
+            let body = format!(r#"{{"messages": [], "{name}": "x"}}"#);
+            refuse_unsupported(body.as_bytes()).expect(name);
+        }
+    }
+
+    #[test]
+    fn tool_turns_parse() {
+        let body = br#"{"messages": [
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"}],
+            "tools": [], "tool_choice": "auto", "parallel_tool_calls": false}"#;
+        let chat = parse::<ChatFields>(body).expect("parses");
+        let calls = chat.messages[0].tool_calls.as_ref().expect("calls");
+        assert_eq!(calls[0].function.arguments, r#"{"a": 1}"#);
+        assert_eq!(chat.messages[1].tool_call_id.as_deref(), Some("call_1"));
+        assert_eq!(chat.parallel_tool_calls, Some(false));
     }
 
     #[test]

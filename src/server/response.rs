@@ -74,7 +74,48 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the turn only called tools, as OpenAI sends it.
+    pub content: Option<String>,
+    /// The thinking of a reasoning model (vLLM's and DeepSeek's field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A call in a response message.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionOut {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+/// A piece of a streamed call: the first for each `index` carries `id`,
+/// `type` and the name; the next ones pieces of `arguments`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -122,6 +163,10 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 // ---- completions -------------------------------------------------------------
@@ -174,6 +219,15 @@ pub struct ModelCard {
     pub owned_by: &'static str,
     /// vLLM's extension: the context length in tokens.
     pub max_model_len: usize,
+}
+
+/// A chat choice's `finish_reason`: `tool_calls` when it ended on its own
+/// after calling tools.
+pub fn chat_finish_reason(finish: crate::stopping::FinishReason, called: bool) -> &'static str {
+    match finish {
+        crate::stopping::FinishReason::Stop if called => "tool_calls",
+        other => finish_reason(other),
+    }
 }
 
 /// OpenAI's `finish_reason`. A cancelled request has no client left to

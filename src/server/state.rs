@@ -32,6 +32,8 @@ pub struct ServerConfig {
     /// when the server listens on loopback only, so a page whose DNS name
     /// was rebound to 127.0.0.1 cannot reach it under its own name.
     pub allowed_hosts: Option<Vec<String>>,
+    /// Serve the browser chat page at `/` (`--no-webui` turns it off).
+    pub webui: bool,
 }
 
 impl ServerConfig {
@@ -42,6 +44,7 @@ impl ServerConfig {
             cors_allow_origins: Vec::new(),
             body_limit: DEFAULT_BODY_LIMIT,
             allowed_hosts: None,
+            webui: true,
         }
     }
 }

@@ -17,8 +17,21 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every fixture model.
-pub const MODELS: [&str; 8] = [
-    "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+pub const MODELS: [&str; 14] = [
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "qwen3_moe",
+    "mixtral",
+    "llama_yarn",
+    "granite",
+    "smollm3",
+    "olmo2",
 ];
 
 /// The safetensors weight files of a fixture (sharded or single), found the

@@ -9,11 +9,15 @@
 
 mod params;
 mod structured;
+pub mod tools;
 
-use crate::chat_template::Message;
+use crate::chat_template::{Message, RenderOptions};
 use crate::constraint::Constraint;
 use crate::engine::Request;
 use crate::pipeline::Pipeline;
+use crate::tools::grammar::{tool_grammar, ToolGrammar};
+use crate::tools::parse::ParserConfig;
+use crate::tools::prompt_opens_thinking;
 
 use super::error::AppError;
 use super::request::{ChatRequest, CompletionRequest, Content, Prompt, WireMessage};
@@ -51,6 +55,15 @@ pub struct ValidRequest {
     pub echo: bool,
     /// Alternatives per token when logprobs were asked for.
     pub logprobs: Option<usize>,
+    /// How to read each choice's output (chat: tool calls, thinking).
+    pub parser: ParserConfig,
+    /// Special tokens whose text the parser must see (`<|python_tag|>`):
+    /// the engine's detokenizer leaves them out.
+    pub special_markers: Vec<(u32, String)>,
+    /// The grammar that would enforce the request's `tool_choice`. Built
+    /// here, where compiling belongs (off the engine thread); the engine's
+    /// constraints take it as a Lark grammar once they are wired to it.
+    pub tool_grammar: Option<ToolGrammar>,
 }
 
 impl ValidRequest {
@@ -109,6 +122,18 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
             "`messages` must hold at least one message.",
         ));
     }
+    if let Some(m) = chat
+        .modalities
+        .as_ref()
+        .filter(|m| m.iter().any(|x| x != "text"))
+    {
+        return Err(AppError::invalid(
+            "modalities",
+            format!("`modalities`: taper generates text only (`[\"text\"]`). Given: {m:?}"),
+        ));
+    }
+    let kwargs = check_template_kwargs(chat.chat_template_kwargs)?;
+    let tools = tools::check(chat.tools, chat.tool_choice, chat.parallel_tool_calls)?;
     let messages = chat
         .messages
         .into_iter()
@@ -116,18 +141,76 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
         .map(|(i, m)| to_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
     let pipeline = ready.pipeline();
-    let ids = pipeline
-        .chat_prompt(&messages, true)
+    let syntax = &pipeline.output;
+    let format = syntax.tool_format;
+    let (messages, template_tools) =
+        syntax.prepare(messages, &tools.tools, &tools.choice, tools.parallel);
+    let opts = RenderOptions {
+        add_generation_prompt: true,
+        tools: template_tools.as_ref(),
+        documents: None,
+        extra: kwargs.as_ref(),
+    };
+    let text = pipeline
+        .render_chat(&messages, &opts)
         .map_err(|e| AppError::from(e).or_param("messages"))?;
+    let ids = pipeline
+        .tokenizer
+        .encode_plain(&text)
+        .map_err(|e| AppError::from(e).or_param("messages"))?;
+    if tools.active() {
+        tracing::debug!("tool calls in the {format} format");
+    }
+    let parser = ParserConfig {
+        tools: tools.active().then_some(format),
+        reasoning: syntax.reasoning,
+        starts_in_reasoning: syntax.reasoning && prompt_opens_thinking(&text),
+        parallel: tools.parallel,
+    };
+    let grammar = tool_grammar(
+        format,
+        syntax.trigger_token(),
+        &tools.tools,
+        &tools.choice,
+        tools.parallel,
+    );
     let prompt = ValidPrompt {
         ids,
         text: String::new(),
         token_texts: Vec::new(),
     };
-    let valid = common.build(vec![prompt], logprobs, false, "messages", ready)?;
+    let mut valid = common.build(vec![prompt], logprobs, false, "messages", ready)?;
+    valid.parser = parser;
+    valid.special_markers = syntax.special_markers.clone();
+    valid.tool_grammar = grammar;
     // Compiled last: it is the costliest check.
     let constraint = structured::constraint(structured, ready)?;
     Ok(valid.constrained(constraint))
+}
+
+/// `chat_template_kwargs`: an object whose keys do not replace what the
+/// request sets itself.
+fn check_template_kwargs(
+    kwargs: Option<serde_json::Value>,
+) -> Result<Option<serde_json::Value>, AppError> {
+    match kwargs {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Object(map)) => {
+            for key in ["messages", "tools", "documents", "add_generation_prompt"] {
+                if map.contains_key(key) {
+                    return Err(AppError::invalid(
+                        "chat_template_kwargs",
+                        format!("`chat_template_kwargs` may not set `{key}`: it comes from the request."),
+                    ));
+                }
+            }
+            Ok(Some(serde_json::Value::Object(map)))
+        }
+        Some(other) => Err(AppError::invalid(
+            "chat_template_kwargs",
+            format!("`chat_template_kwargs` must be a JSON object. Given: {other}"),
+        )),
+    }
 }
 
 /// Checks a `/v1/completions` request.
@@ -258,7 +341,20 @@ fn to_message(i: usize, m: WireMessage) -> Result<Message, AppError> {
             texts.join("\n")
         }
     };
-    Ok(Message::new(m.role, content))
+    let tool_calls = match m.tool_calls {
+        Some(calls) => Some(tools::calls_for_template(i, calls)?),
+        None => None,
+    };
+    let message = Message {
+        role: m.role,
+        content,
+        tool_calls,
+        tool_call_id: m.tool_call_id,
+        name: m.name,
+        reasoning_content: m.reasoning_content,
+    };
+    tools::check_message(i, &message)?;
+    Ok(message)
 }
 
 fn non_empty(len: usize) -> Result<(), AppError> {

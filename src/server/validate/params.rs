@@ -5,6 +5,7 @@
 use crate::engine::Request;
 use crate::sampling::SamplingParams;
 use crate::stopping::StopConditions;
+use crate::tools::parse::ParserConfig;
 use crate::Error;
 
 use crate::server::error::AppError;
@@ -220,6 +221,14 @@ impl Common {
             include_usage: self.include_usage,
             echo,
             logprobs,
+            parser: ParserConfig {
+                tools: None,
+                reasoning: false,
+                starts_in_reasoning: false,
+                parallel: true,
+            },
+            special_markers: Vec::new(),
+            tool_grammar: None,
         })
     }
 
