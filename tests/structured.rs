@@ -521,3 +521,95 @@ fn generate_takes_a_json_schema_a_regex_or_a_grammar() {
     let (ok, _, stderr) = run(&["--json-schema", &schema_arg]);
     assert!(!ok && stderr.contains("uniqueItems"), "{stderr}");
 }
+
+/// `tool_choice: required` or a named tool: the calls' grammar built by
+/// the tool-calling half (Hermes form here) compiles and holds from the
+/// first token, so the fixture's noise becomes a call whose arguments
+/// validate. Driven through the engine: with the tools described in the
+/// prompt the fixture's 512-token context holds no HTTP request.
+#[test]
+fn a_forced_tool_call_grammar_gives_a_valid_call() {
+    use std::sync::{Arc, Mutex};
+    use taper::constraint::ConstraintSpec;
+    use taper::engine::{self, Event, Request};
+    use taper::tools::grammar::tool_grammar;
+    use taper::tools::{Tool, ToolChoice, ToolFormat};
+
+    let files = taper::hub::resolve(
+        &taper::hub::ModelSource::Local(fixture("qwen2")),
+        &taper::hub::HubOptions::from_env(),
+    )
+    .expect("fixture resolves");
+    let pipeline = Arc::new(
+        taper::pipeline::Pipeline::load(
+            &files,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+            taper::quant::Quant::None,
+            None,
+        )
+        .expect("loads"),
+    );
+    let parameters = json!({"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Oslo"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7}
+    }, "required": ["city", "days"], "additionalProperties": false});
+    let tool = Tool {
+        name: "get_weather".into(),
+        description: None,
+        parameters: parameters.clone(),
+    };
+    for choice in [
+        ToolChoice::Required,
+        ToolChoice::Named("get_weather".into()),
+    ] {
+        let grammar = tool_grammar(
+            ToolFormat::Hermes,
+            None,
+            std::slice::from_ref(&tool),
+            &choice,
+            false,
+        )
+        .expect("a grammar");
+        assert!(!grammar.is_lazy());
+        let constraint = pipeline
+            .compile_constraint(&ConstraintSpec::Lark(grammar.lark.clone()))
+            .unwrap_or_else(|e| panic!("{e}\n{}", grammar.lark));
+        let mut request = Request {
+            prompt: pipeline
+                .tokenizer
+                .encode_plain("Weather?")
+                .expect("encodes"),
+            sampling: taper::sampling::SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: taper::stopping::StopConditions {
+                max_new_tokens: 300,
+                eos_ids: pipeline.eos_ids.clone(),
+                ..Default::default()
+            },
+            logprobs: None,
+            prompt_logprobs: false,
+            constraint: Some(constraint),
+        };
+        request.stop.ignore_eos = false;
+        let text = Arc::new(Mutex::new(String::new()));
+        let out = text.clone();
+        let sink = move |e: Event| {
+            if let Event::Token { text, .. } = e {
+                out.lock().expect("lock").push_str(&text);
+            }
+            true
+        };
+        engine::run_one(pipeline.clone(), request, Box::new(sink)).expect("runs");
+        let text = text.lock().expect("lock").clone();
+        let body = text
+            .strip_prefix("<tool_call>\n")
+            .and_then(|t| t.strip_suffix("\n</tool_call>"))
+            .unwrap_or_else(|| panic!("{text:?}"));
+        let call: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+        assert_eq!(call["name"], "get_weather", "{call}");
+        assert_valid(&call["arguments"].to_string(), &parameters);
+    }
+}

@@ -42,7 +42,7 @@ pub const MAX_SPEC_BYTES: usize = 256 * 1024;
 /// (llama.cpp's rule). Compact and pretty-printed JSON both fit; what a
 /// model could otherwise do, and small models do, is loop on whitespace
 /// until `max_tokens`.
-const JSON_WHITESPACE: &str = r"\x20|\x0A[\x20\x09]{0,20}";
+pub const JSON_WHITESPACE: &str = r"\x20|\x0A[\x20\x09]{0,20}";
 
 /// What a request constrains its output to.
 #[derive(Debug, Clone, PartialEq)]

@@ -12,7 +12,7 @@ mod structured;
 pub mod tools;
 
 use crate::chat_template::{Message, RenderOptions};
-use crate::constraint::Constraint;
+use crate::constraint::{Constraint, ConstraintSpec};
 use crate::engine::Request;
 use crate::pipeline::Pipeline;
 use crate::tools::grammar::{tool_grammar, ToolGrammar};
@@ -184,7 +184,24 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
     valid.special_markers = syntax.special_markers.clone();
     valid.tool_grammar = grammar;
     // Compiled last: it is the costliest check.
-    let constraint = structured::constraint(structured, ready)?;
+    let mut constraint = structured::constraint(structured, ready)?;
+    // `required` or a named tool: the whole output is calls, enforced from
+    // the first token. (`auto`'s grammar waits for a trigger: not enforced
+    // yet.)
+    if let Some(g) = valid.tool_grammar.as_ref().filter(|g| !g.is_lazy()) {
+        if constraint.is_some() {
+            return Err(AppError::invalid(
+                "tool_choice",
+                "A `tool_choice` that forces a call cannot be combined with `response_format`, `structured_outputs` or `guided_*`.",
+            ));
+        }
+        let spec = ConstraintSpec::Lark(g.lark.clone());
+        let compiled = ready
+            .pipeline()
+            .compile_constraint(&spec)
+            .map_err(|e| AppError::invalid("tools", format!("`tools`: the calls' grammar: {e}")))?;
+        constraint = Some(compiled);
+    }
     Ok(valid.constrained(constraint))
 }
 
