@@ -60,9 +60,9 @@ pub struct ValidRequest {
     /// Special tokens whose text the parser must see (`<|python_tag|>`):
     /// the engine's detokenizer leaves them out.
     pub special_markers: Vec<(u32, String)>,
-    /// The grammar that would enforce the request's `tool_choice`. Built
-    /// here, where compiling belongs (off the engine thread); the engine's
-    /// constraints take it as a Lark grammar once they are wired to it.
+    /// The grammar enforcing the request's `tool_choice`. When it holds
+    /// from the first token (`required`, a named tool) it is compiled into
+    /// every request's `constraint`; `auto`'s lazy one is not enforced yet.
     pub tool_grammar: Option<ToolGrammar>,
 }
 
