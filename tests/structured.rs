@@ -559,6 +559,25 @@ fn a_forced_tool_call_grammar_gives_a_valid_call() {
         description: None,
         parameters: parameters.clone(),
     };
+    // Every format's forced grammar compiles (a failure would be a 400 on
+    // every such request).
+    for format in [
+        ToolFormat::Hermes,
+        ToolFormat::Llama3Json,
+        ToolFormat::Mistral,
+        ToolFormat::Generic,
+    ] {
+        for parallel in [true, false] {
+            let choice = ToolChoice::Required;
+            let g = tool_grammar(format, None, std::slice::from_ref(&tool), &choice, parallel)
+                .expect("a grammar");
+            if !g.is_lazy() {
+                pipeline
+                    .compile_constraint(&ConstraintSpec::Lark(g.lark.clone()))
+                    .unwrap_or_else(|e| panic!("{format:?}: {e}\n{}", g.lark));
+            }
+        }
+    }
     for choice in [
         ToolChoice::Required,
         ToolChoice::Named("get_weather".into()),
