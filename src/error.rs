@@ -171,6 +171,10 @@ pub enum Error {
         message: String,
     },
 
+    /// A structured-output constraint cannot be compiled or followed.
+    #[error(transparent)]
+    Constraint(#[from] crate::constraint::ConstraintError),
+
     /// The prompt and the tokens asked for do not fit the context.
     #[error("{0}")]
     ContextLength(String),

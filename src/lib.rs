@@ -11,6 +11,7 @@ pub mod bench;
 pub mod bench_serve;
 pub mod chat_template;
 pub mod config;
+pub mod constraint;
 pub mod cpu_attention;
 pub mod cpu_ops;
 pub mod dense;

@@ -6,11 +6,13 @@
 //! The CLI and the server both start here; neither knows about files.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device};
 
 use crate::chat_template::{ChatTemplate, Message, RenderOptions};
 use crate::config::GenerationConfig;
+use crate::constraint::{Constraint, ConstraintError, ConstraintSpec, TokenTable};
 use crate::gguf::{self, GgufFile, GgufWeights};
 use crate::hub::{GgufFiles, ModelFiles, ResolvedModel};
 use crate::models::{Decoder, Logits, SeqInput};
@@ -32,6 +34,9 @@ pub struct Pipeline {
     /// How the model writes tool calls and whether it thinks, read from its
     /// template and vocabulary at load.
     pub output: OutputSyntax,
+    /// The vocabulary for constrained decoding, built on first use (a
+    /// model never asked for structured output never pays for it).
+    token_table: OnceLock<Result<Arc<TokenTable>, ConstraintError>>,
 }
 
 impl Pipeline {
@@ -186,7 +191,33 @@ impl Pipeline {
             generation,
             eos_ids,
             output,
+            token_table: OnceLock::new(),
         }
+    }
+
+    /// The model's token table for constrained decoding, built the first
+    /// time it is asked for (about a second for a 150k vocabulary): as wide
+    /// as the logits, ending on [`Pipeline::eos_ids`].
+    pub fn token_table(&self) -> Result<Arc<TokenTable>, ConstraintError> {
+        self.token_table
+            .get_or_init(|| {
+                let width = self.model.config().vocab_size;
+                let table = TokenTable::new(&self.tokenizer, width, &self.eos_ids)?;
+                tracing::info!(
+                    "constrained decoding: token table of {} entries built in {:.0} ms",
+                    table.width(),
+                    table.build_time().as_secs_f64() * 1e3
+                );
+                Ok(Arc::new(table))
+            })
+            .clone()
+    }
+
+    /// Compiles a structured-output spec for this model: what an
+    /// [`crate::engine::Request`]'s `constraint` carries. Takes
+    /// milliseconds to seconds: call it off the engine thread.
+    pub fn compile_constraint(&self, spec: &ConstraintSpec) -> Result<Constraint, ConstraintError> {
+        self.token_table()?.compile(spec)
     }
 
     /// The model's context length in tokens.

@@ -165,6 +165,30 @@ impl SamplingParams {
     }
 }
 
+/// Whether a token mask allows token `id`: bit `id % 32` of word `id / 32`
+/// (llguidance's and most GPU samplers' layout); ids past the mask are
+/// refused.
+pub fn mask_allows(mask: &[u32], id: u32) -> bool {
+    mask.get(id as usize / 32)
+        .is_some_and(|w| w & (1 << (id % 32)) != 0)
+}
+
+/// Sets every logit the mask refuses to `-inf`. Whole words of allowed
+/// tokens (most of a mask inside a JSON string, say) are skipped.
+pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let word = mask.get(w).copied().unwrap_or(0);
+        if word == u32::MAX {
+            continue;
+        }
+        for (b, x) in chunk.iter_mut().enumerate() {
+            if word & (1 << b) == 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 fn invalid(message: String) -> Result<()> {
     Err(Error::InvalidRequest(message))
 }
@@ -243,16 +267,37 @@ impl Sampler {
     /// `+inf` logit (a numerical failure upstream), or logits that are all
     /// `-inf` after processing.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        let token = self.pick(logits, None)?;
+        self.record(token);
+        Ok(token)
+    }
+
+    /// Picks the next token as [`Sampler::sample`] does, among the tokens
+    /// `mask` allows when there is one (see [`mask_allows`]), without
+    /// recording it: a constrained sequence may throw the pick away (its
+    /// grammar refuses it) and pick again with the grammar's mask, and only
+    /// the token it keeps counts for the penalties ([`Sampler::record`]).
+    ///
+    /// The mask applies after bias and penalties, before temperature and
+    /// truncation, so top-k/top-p/min-p choose among allowed tokens only.
+    /// Fails when the mask leaves no token with a finite logit.
+    pub fn pick(&mut self, logits: &[f32], mask: Option<&[u32]>) -> Result<u32> {
         self.process(logits)?;
-        let token = if self.params.is_greedy() {
-            argmax(&self.processed)?.0 as u32
+        if let Some(mask) = mask {
+            apply_mask(&mut self.processed, mask);
+        }
+        if self.params.is_greedy() {
+            Ok(argmax(&self.processed)?.0 as u32)
         } else {
             let survivors = self.truncate()?;
-            self.draw(survivors)?
-        };
+            self.draw(survivors)
+        }
+    }
+
+    /// Records a token the sequence keeps, for later penalties.
+    pub fn record(&mut self, token: u32) {
         self.seen.insert(token);
         *self.generated.entry(token).or_insert(0) += 1;
-        Ok(token)
     }
 
     /// The last `sample` call's logits after bias, penalties and temperature,
@@ -1448,6 +1493,51 @@ mod tests {
                 "token {id}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_mask_limits_every_kind_of_pick_to_allowed_tokens() -> Result<()> {
+        let logits = random_logits(100, 11, 3.0);
+        // Tokens 3, 40 and 77 (bits in words 0, 1 and 2).
+        let mut mask = vec![0u32; 4];
+        for t in [3u32, 40, 77] {
+            mask[t as usize / 32] |= 1 << (t % 32);
+        }
+        assert!(mask_allows(&mask, 40) && !mask_allows(&mask, 41) && !mask_allows(&mask, 500));
+        let best = [3usize, 40, 77]
+            .into_iter()
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .expect("three");
+        let mut sampler = Sampler::new(greedy());
+        assert_eq!(sampler.pick(&logits, Some(&mask))?, best as u32);
+        for params in [
+            SamplingParams::default(),
+            with(|s| {
+                s.top_k = Some(2);
+                s.top_p = 0.5;
+            }),
+            with(|s| s.min_p = 0.2),
+        ] {
+            let mut sampler = Sampler::new(params);
+            for _ in 0..500 {
+                let t = sampler.pick(&logits, Some(&mask))?;
+                assert!([3, 40, 77].contains(&t), "{t}");
+            }
+        }
+        // Nothing allowed is an error, not a panic.
+        assert!(sampler.pick(&logits, Some(&[0u32; 4])).is_err());
+        // `pick` does not count the token for the penalties; `record` does.
+        let mut sampler = Sampler::new(with(|s| {
+            s.temperature = 0.0;
+            s.presence_penalty = 2.0;
+        }));
+        let first = sampler.pick(&logits, None)?;
+        assert_eq!(sampler.pick(&logits, None)?, first);
+        sampler.record(first);
+        sampler.pick(&logits, None)?;
+        let top = argmax(&logits)?.1;
+        assert_eq!(sampler.processed_logits()[first as usize], top - 2.0);
         Ok(())
     }
 }

@@ -90,6 +90,12 @@ impl Tokenizer {
         }
     }
 
+    /// The `tokenizers` tokenizer itself (the constraint module reads its
+    /// vocabulary).
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -16,10 +16,10 @@ use serde_json::{json, Value};
 use crate::common::{fixture, Reference};
 
 /// The name the test servers serve the fixture under.
-const NAME: &str = "tiny-qwen2";
+pub(crate) const NAME: &str = "tiny-qwen2";
 
 /// A `taper serve` process; killed when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     port: u16,
     agent: ureq::Agent,
@@ -28,7 +28,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(extra: &[&str]) -> Server {
+    pub(crate) fn start(extra: &[&str]) -> Server {
         Self::start_with_env(extra, &[])
     }
 
@@ -41,7 +41,7 @@ impl Server {
     /// `taper serve --model MODEL --port 0 ARGS`, its address space capped
     /// at `memory_limit` bytes when given (so a test that makes it allocate
     /// without bound fails instead of taking the machine down).
-    fn launch(
+    pub(crate) fn launch(
         model: &Path,
         args: &[&str],
         env: &[(&str, &str)],
@@ -118,7 +118,7 @@ impl Server {
     }
 
     /// Whether the process is still running.
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
@@ -145,7 +145,7 @@ impl Server {
     }
 
     /// Status and JSON body of a POST.
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post_with(path, &body.to_string(), &[])
     }
 
@@ -164,7 +164,7 @@ impl Server {
     }
 
     /// A 200 response's JSON.
-    fn ok(&self, path: &str, body: &Value) -> Value {
+    pub(crate) fn ok(&self, path: &str, body: &Value) -> Value {
         let (status, json) = self.post(path, body);
         assert_eq!(status, 200, "{path} {body}: {json}");
         json
@@ -172,7 +172,7 @@ impl Server {
 
     /// The `data:` payloads of a streamed response, checked to end with
     /// `[DONE]` (which is left out).
-    fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
+    pub(crate) fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
         let response = self
             .agent
             .post(&self.url(path))
@@ -249,7 +249,7 @@ fn reply(result: Result<ureq::Response, ureq::Error>) -> (u16, String) {
 }
 
 /// Asserts OpenAI's error shape and returns the `error` object.
-fn error_of(status: u16, body: &Value, want_status: u16) -> &Value {
+pub(crate) fn error_of(status: u16, body: &Value, want_status: u16) -> &Value {
     assert_eq!(status, want_status, "{body}");
     let e = &body["error"];
     assert!(e["message"].is_string(), "{body}");
@@ -261,7 +261,7 @@ fn error_of(status: u16, body: &Value, want_status: u16) -> &Value {
     e
 }
 
-fn chat(content: &str, extra: Value) -> Value {
+pub(crate) fn chat(content: &str, extra: Value) -> Value {
     let mut body = json!({
         "model": NAME,
         "messages": [{"role": "user", "content": content}],
@@ -270,7 +270,7 @@ fn chat(content: &str, extra: Value) -> Value {
     body
 }
 
-fn completion(prompt: Value, extra: Value) -> Value {
+pub(crate) fn completion(prompt: Value, extra: Value) -> Value {
     let mut body = json!({"model": NAME, "prompt": prompt});
     merge(&mut body, extra);
     body
@@ -282,7 +282,7 @@ fn merge(body: &mut Value, extra: Value) {
     }
 }
 
-fn text_of(choice: &Value) -> String {
+pub(crate) fn text_of(choice: &Value) -> String {
     choice["message"]["content"]
         .as_str()
         .or_else(|| choice["text"].as_str())
@@ -1982,7 +1982,7 @@ fn the_served_model_id_is_the_folders_name() {
 /// fetched (`TAPER_SMOLLM2`), for the tests that need a model whose greedy
 /// choices sit as close to ties as a real quantized model's do. Run by
 /// `scripts/test.sh` (`--ignored`) once the file is there.
-fn smollm2() -> PathBuf {
+pub(crate) fn smollm2() -> PathBuf {
     let path = std::env::var_os("TAPER_SMOLLM2")
         .expect("TAPER_SMOLLM2 names SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_smollm2.sh)");
     PathBuf::from(path)

@@ -13,4 +13,5 @@ mod parity;
 mod quant;
 mod server;
 mod streaming;
+mod structured;
 mod tools;

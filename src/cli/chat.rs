@@ -248,6 +248,7 @@ impl Chat<'_> {
             prompt,
             logprobs: None,
             prompt_logprobs: false,
+            constraint: None,
         };
         p.check_fits(request.prompt.len(), request.stop.max_new_tokens)?;
         self.cancel.store(false, Ordering::SeqCst);

@@ -4,6 +4,7 @@
 //! (`content`, `reasoning_content`, `tool_calls`).
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use anyhow::Context;
 use clap::Args;
 
 use taper::chat_template::{Message, RenderOptions};
+use taper::constraint::ConstraintSpec;
 use taper::engine::{self, Event, Request, Sink};
 use taper::server::validate::tools::{self, ValidTools};
 use taper::stopping::FinishReason;
@@ -43,8 +45,46 @@ pub struct GenerateArgs {
     /// Offer the tools in FILE (a JSON list in OpenAI's `tools` format) and
     /// print the reply as a JSON message with its parsed `tool_calls`
     /// (with --chat).
-    #[arg(long, value_name = "FILE", requires = "chat")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "chat",
+        conflicts_with = "constraint"
+    )]
     tools: Option<std::path::PathBuf>,
+
+    /// Constrain the output to JSON valid under the JSON schema in FILE.
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    json_schema: Option<PathBuf>,
+
+    /// Constrain the whole output to match a regular expression.
+    #[arg(long, value_name = "RE", group = "constraint")]
+    regex: Option<String>,
+
+    /// Constrain the output to the Lark grammar in FILE (llguidance's
+    /// dialect).
+    #[arg(long, value_name = "FILE.lark", group = "constraint")]
+    grammar: Option<PathBuf>,
+}
+
+impl GenerateArgs {
+    /// The constraint the flags ask for, read from its file.
+    fn constraint_spec(&self) -> anyhow::Result<Option<ConstraintSpec>> {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(if let Some(path) = &self.json_schema {
+            let schema = serde_json::from_str(&read(path)?)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+            Some(ConstraintSpec::JsonSchema(schema))
+        } else if let Some(re) = &self.regex {
+            Some(ConstraintSpec::Regex(re.clone()))
+        } else if let Some(path) = &self.grammar {
+            Some(ConstraintSpec::Lark(read(path)?))
+        } else {
+            None
+        })
+    }
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -57,6 +97,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         args.prompt.clone()
     };
+    let spec = args.constraint_spec()?;
     let tools = match &args.tools {
         Some(path) => Some(read_tools(path)?),
         None => None,
@@ -65,6 +106,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(tools) = tools {
         return run_with_tools(&args, &pipeline, &prompt_text, tools);
     }
+    let constraint = match &spec {
+        Some(spec) => Some(
+            pipeline
+                .compile_constraint(spec)
+                .with_context(|| format!("--{}", flag_of(spec)))?,
+        ),
+        None => None,
+    };
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -81,6 +130,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         prompt,
         logprobs: None,
         prompt_logprobs: false,
+        constraint,
     };
     pipeline.check_fits(request.prompt.len(), request.stop.max_new_tokens)?;
 
@@ -107,6 +157,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     );
     let _ = Ordering::Relaxed;
     Ok(())
+}
+
+/// The flag that gave a spec, for messages.
+fn flag_of(spec: &ConstraintSpec) -> &'static str {
+    match spec {
+        ConstraintSpec::JsonSchema(_) => "json-schema",
+        ConstraintSpec::Regex(_) => "regex",
+        _ => "grammar",
+    }
 }
 
 /// The checked tools of a `--tools` file.
@@ -154,6 +213,7 @@ fn run_with_tools(
         prompt,
         logprobs: None,
         prompt_logprobs: false,
+        constraint: None,
     };
     pipeline.check_fits(request.prompt.len(), request.stop.max_new_tokens)?;
     let cfg = ParserConfig {

@@ -156,7 +156,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let pipeline = rx.await.context("the loading thread died")??;
             let defaults = defaults(&args.sampling, &pipeline)?;
             let context = pipeline.context_len();
-            let engine = EngineHandle::spawn(Arc::new(pipeline), limits, args.max_queue, metrics)?;
+            let pipeline = Arc::new(pipeline);
+            // The token table for structured output takes about a second
+            // for a 150k vocabulary: built now, beside serving, rather than
+            // by the first request that asks for it.
+            let warm = pipeline.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = warm.token_table() {
+                    tracing::warn!("{e}");
+                }
+            });
+            let engine = EngineHandle::spawn(pipeline, limits, args.max_queue, metrics)?;
             let kv = engine.kv_budget();
             if kv.total_blocks == 0 {
                 bail!(

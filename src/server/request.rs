@@ -205,11 +205,29 @@ pub enum Prompt {
     TokenLists(Vec<Vec<i64>>),
 }
 
+/// Structured output, both endpoints: OpenAI's `response_format`, vLLM's
+/// `structured_outputs` and its older `guided_*` fields. Kept as JSON
+/// values so that validation, not serde, words what is wrong with them
+/// (`validate/structured.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a JSON object")]
+pub struct StructuredFields {
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM: `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}`.
+    pub structured_outputs: Option<serde_json::Value>,
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<serde_json::Value>,
+    pub guided_choice: Option<serde_json::Value>,
+    pub guided_grammar: Option<serde_json::Value>,
+}
+
 /// A `/v1/chat/completions` body.
 #[derive(Debug)]
 pub struct ChatRequest {
     pub chat: ChatFields,
     pub sampling: SamplingFields,
+    pub structured: StructuredFields,
 }
 
 /// A `/v1/completions` body.
@@ -217,6 +235,7 @@ pub struct ChatRequest {
 pub struct CompletionRequest {
     pub completion: CompletionFields,
     pub sampling: SamplingFields,
+    pub structured: StructuredFields,
 }
 
 impl FromRequest<AppState> for ChatRequest {
@@ -227,6 +246,7 @@ impl FromRequest<AppState> for ChatRequest {
         let request = ChatRequest {
             chat: parse(&bytes)?,
             sampling: parse(&bytes)?,
+            structured: parse(&bytes)?,
         };
         refuse_unsupported(&bytes)?;
         Ok(request)
@@ -241,6 +261,7 @@ impl FromRequest<AppState> for CompletionRequest {
         Ok(CompletionRequest {
             completion: parse(&bytes)?,
             sampling: parse(&bytes)?,
+            structured: parse(&bytes)?,
         })
     }
 }

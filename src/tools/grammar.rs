@@ -209,8 +209,17 @@ fn trigger_list(
         .collect()
 }
 
+/// An embedded `%json` schema, with the whitespace between JSON tokens
+/// bounded as for `response_format` schemas
+/// ([`crate::constraint::JSON_WHITESPACE`]): llguidance's default inside
+/// Lark allows any run of it, and small models loop on newlines.
 fn compact(v: &Value) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+    let mut v = v.clone();
+    if let Value::Object(map) = &mut v {
+        map.entry("x-guidance")
+            .or_insert_with(|| json!({"whitespace_pattern": crate::constraint::JSON_WHITESPACE}));
+    }
+    serde_json::to_string(&v).unwrap_or_else(|_| "{}".into())
 }
 
 #[cfg(test)]

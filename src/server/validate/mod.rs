@@ -8,9 +8,11 @@
 //! blocking thread.
 
 mod params;
+mod structured;
 pub mod tools;
 
 use crate::chat_template::{Message, RenderOptions};
+use crate::constraint::{Constraint, ConstraintSpec};
 use crate::engine::Request;
 use crate::pipeline::Pipeline;
 use crate::tools::grammar::{tool_grammar, ToolGrammar};
@@ -58,9 +60,9 @@ pub struct ValidRequest {
     /// Special tokens whose text the parser must see (`<|python_tag|>`):
     /// the engine's detokenizer leaves them out.
     pub special_markers: Vec<(u32, String)>,
-    /// The grammar that would enforce the request's `tool_choice`. Built
-    /// here, where compiling belongs (off the engine thread); the engine's
-    /// constraints take it as a Lark grammar once they are wired to it.
+    /// The grammar enforcing the request's `tool_choice`. When it holds
+    /// from the first token (`required`, a named tool) it is compiled into
+    /// every request's `constraint`; `auto`'s lazy one is not enforced yet.
     pub tool_grammar: Option<ToolGrammar>,
 }
 
@@ -68,6 +70,17 @@ impl ValidRequest {
     /// The prompt a choice continues.
     pub fn prompt_of(&self, choice: usize) -> &ValidPrompt {
         &self.prompts[choice / self.n.max(1)]
+    }
+
+    /// Gives every choice its own copy of the compiled constraint (compiled
+    /// once: copies share the grammar).
+    fn constrained(mut self, constraint: Option<Constraint>) -> Self {
+        if let Some(c) = constraint {
+            for r in &mut self.requests {
+                r.constraint = Some(c.clone());
+            }
+        }
+        self
     }
 
     /// `usage.prompt_tokens`: each prompt counted once, whatever `n` is.
@@ -78,7 +91,11 @@ impl ValidRequest {
 
 /// Checks a `/v1/chat/completions` request.
 pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidRequest, AppError> {
-    let ChatRequest { chat, mut sampling } = req;
+    let ChatRequest {
+        chat,
+        mut sampling,
+        structured,
+    } = req;
     if let Some(m) = chat.max_completion_tokens {
         sampling.max_tokens = Some(m);
     }
@@ -166,7 +183,26 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
     valid.parser = parser;
     valid.special_markers = syntax.special_markers.clone();
     valid.tool_grammar = grammar;
-    Ok(valid)
+    // Compiled last: it is the costliest check.
+    let mut constraint = structured::constraint(structured, ready)?;
+    // `required` or a named tool: the whole output is calls, enforced from
+    // the first token. (`auto`'s grammar waits for a trigger: not enforced
+    // yet.)
+    if let Some(g) = valid.tool_grammar.as_ref().filter(|g| !g.is_lazy()) {
+        if constraint.is_some() {
+            return Err(AppError::invalid(
+                "tool_choice",
+                "A `tool_choice` that forces a call cannot be combined with `response_format`, `structured_outputs` or `guided_*`.",
+            ));
+        }
+        let spec = ConstraintSpec::Lark(g.lark.clone());
+        let compiled = ready
+            .pipeline()
+            .compile_constraint(&spec)
+            .map_err(|e| AppError::invalid("tools", format!("`tools`: the calls' grammar: {e}")))?;
+        constraint = Some(compiled);
+    }
+    Ok(valid.constrained(constraint))
 }
 
 /// `chat_template_kwargs`: an object whose keys do not replace what the
@@ -203,6 +239,7 @@ pub fn completion(
     let CompletionRequest {
         completion,
         sampling,
+        structured,
     } = req;
     let echo = completion.echo.unwrap_or(false);
     let common = Common::check(sampling, ready, served, echo)?;
@@ -256,7 +293,9 @@ pub fn completion(
             ),
         ));
     }
-    common.build(prompts, logprobs, echo, "prompt", ready)
+    let valid = common.build(prompts, logprobs, echo, "prompt", ready)?;
+    let constraint = structured::constraint(structured, ready)?;
+    Ok(valid.constrained(constraint))
 }
 
 /// The roles of OpenAI's chat API. Templates skip roles they do not know

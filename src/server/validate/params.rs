@@ -209,6 +209,7 @@ impl Common {
                     },
                     logprobs,
                     prompt_logprobs: echo && logprobs.is_some(),
+                    constraint: None,
                 });
             }
         }
