@@ -1820,6 +1820,58 @@ fn tool_choice_none_renders_without_the_tools() {
     assert_eq!(s_calls, calls);
 }
 
+/// A forced call in the Hermes format: the grammar enforces it, so its
+/// arguments stream in pieces as they are generated, and they add up to the
+/// non-streamed arguments, which validate. (A short Hermes template: Qwen3's
+/// own, with the tools, outgrows the fixture's 512 positions.)
+#[test]
+fn enforced_calls_stream_their_arguments_in_pieces() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = dir.path().join("hermes.jinja");
+    std::fs::write(
+        &template,
+        "{%- if tools %}<|im_start|>system\nTools: {% for t in tools %}{{ t.function.name }} {% endfor %}\
+         - call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}\
+         {%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .expect("write");
+    let template = template.to_string_lossy().into_owned();
+    let s = Server::start(&["--chat-template", &template]);
+    assert!(s.stderr().contains("tool calls: hermes"), "{}", s.stderr());
+    let bounded = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {
+            "city": {"enum": ["Paris", "Oslo"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city", "days"], "additionalProperties": false},
+    }}]);
+    let body = chat(
+        "Weather?",
+        json!({"tools": bounded, "tool_choice": "required", "parallel_tool_calls": false,
+            "max_tokens": 380, "temperature": 0}),
+    );
+    let reply = s.ok("/v1/chat/completions", &body);
+    assert_eq!(reply["choices"][0]["finish_reason"], "tool_calls", "{reply}");
+    let (_, calls) = calls_or_content(&reply["choices"][0]);
+    assert_eq!(calls.len(), 1, "{reply}");
+    let args: Value = serde_json::from_str(&calls[0].1).expect("arguments parse");
+    assert!(args["city"] == "Paris" || args["city"] == "Oslo", "{args}");
+    assert!((1..=7).contains(&args["days"].as_i64().unwrap_or(0)), "{args}");
+    let mut streamed = body.clone();
+    merge(&mut streamed, json!({"stream": true}));
+    let events = s.stream("/v1/chat/completions", &streamed);
+    let pieces = events
+        .iter()
+        .flat_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array().cloned().unwrap_or_default())
+        .filter(|c| c["function"]["arguments"].as_str().is_some_and(|a| !a.is_empty()))
+        .count();
+    assert!(pieces >= 2, "arguments in pieces: {events:?}");
+    let (_, _, s_calls, finish) = folded_stream(&events);
+    assert_eq!(s_calls, calls);
+    assert_eq!(finish, "tool_calls");
+}
+
 #[test]
 fn requests_that_can_never_fit_are_400_not_429() {
     // Issue 12, fault 4: 2 running + 2 queued places can never take five

@@ -569,7 +569,7 @@ fn a_forced_tool_call_grammar_gives_a_valid_call() {
     ] {
         for parallel in [true, false] {
             let choice = ToolChoice::Required;
-            let g = tool_grammar(format, None, std::slice::from_ref(&tool), &choice, parallel)
+            let g = tool_grammar(format, Default::default(), std::slice::from_ref(&tool), &choice, parallel)
                 .expect("a grammar");
             if !g.is_lazy() {
                 pipeline
@@ -584,7 +584,7 @@ fn a_forced_tool_call_grammar_gives_a_valid_call() {
     ] {
         let grammar = tool_grammar(
             ToolFormat::Hermes,
-            None,
+            Default::default(),
             std::slice::from_ref(&tool),
             &choice,
             false,

@@ -207,13 +207,30 @@ fn run_with_tools(
         },
     )?;
     let prompt = pipeline.tokenizer.encode_plain(&text)?;
+    // The calls are enforced as on the server (`tools::grammar`).
+    let grammar = taper::tools::grammar::tool_grammar(
+        syntax.tool_format,
+        syntax.call_tokens,
+        &tools.tools,
+        &tools.choice,
+        tools.parallel,
+    )
+    .filter(|g| !g.is_lazy());
+    let constraint = match &grammar {
+        Some(g) => Some(
+            pipeline
+                .compile_constraint(&taper::constraint::ConstraintSpec::Lark(g.lark.clone()))
+                .map_err(|e| anyhow::anyhow!("--tools: the calls' grammar: {e}"))?,
+        ),
+        None => None,
+    };
     let request = Request {
         sampling: args.sampling.params(pipeline)?,
         stop: args.sampling.stop_conditions(pipeline, prompt.len()),
         prompt,
         logprobs: None,
         prompt_logprobs: false,
-        constraint: None,
+        constraint,
     };
     pipeline.check_fits(request.prompt.len(), request.stop.max_new_tokens)?;
     let cfg = ParserConfig {
@@ -221,6 +238,7 @@ fn run_with_tools(
         reasoning: syntax.reasoning,
         starts_in_reasoning: syntax.reasoning && prompt_opens_thinking(&text),
         parallel: tools.parallel,
+        stream_arguments: grammar.is_some(),
     };
 
     let cancel = Arc::new(AtomicBool::new(false));

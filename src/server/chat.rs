@@ -148,9 +148,9 @@ impl ChatChunker {
         })
     }
 
-    /// The stream deltas of parsed output. A call goes out as two deltas,
-    /// OpenAI's shape: its id, type and name (empty arguments), then its
-    /// arguments.
+    /// The stream deltas of parsed output. A call goes out in OpenAI's
+    /// shape: its id, type and name (empty arguments), then its arguments,
+    /// whole or (where a grammar enforces the calls) in pieces.
     fn deltas(parsed: Vec<ParsedDelta>) -> Vec<Delta> {
         let mut out = Vec::new();
         for p in parsed {
@@ -164,34 +164,48 @@ impl ChatChunker {
                     ..Delta::default()
                 }),
                 ParsedDelta::Call { index, call } => {
-                    out.push(Delta {
-                        tool_calls: Some(vec![ToolCallDelta {
-                            index,
-                            id: Some(call.id),
-                            kind: Some("function"),
-                            function: FunctionDelta {
-                                name: Some(call.name),
-                                arguments: String::new(),
-                            },
-                        }]),
-                        ..Delta::default()
-                    });
-                    out.push(Delta {
-                        tool_calls: Some(vec![ToolCallDelta {
-                            index,
-                            id: None,
-                            kind: None,
-                            function: FunctionDelta {
-                                name: None,
-                                arguments: call.arguments,
-                            },
-                        }]),
-                        ..Delta::default()
-                    });
+                    out.push(Self::call_start(index, call.id, call.name));
+                    out.push(Self::call_arguments(index, call.arguments));
+                }
+                ParsedDelta::CallStart { index, id, name } => {
+                    out.push(Self::call_start(index, id, name));
+                }
+                ParsedDelta::CallArguments { index, text } => {
+                    out.push(Self::call_arguments(index, text));
                 }
             }
         }
         out
+    }
+
+    fn call_start(index: usize, id: String, name: String) -> Delta {
+        Delta {
+            tool_calls: Some(vec![ToolCallDelta {
+                index,
+                id: Some(id),
+                kind: Some("function"),
+                function: FunctionDelta {
+                    name: Some(name),
+                    arguments: String::new(),
+                },
+            }]),
+            ..Delta::default()
+        }
+    }
+
+    fn call_arguments(index: usize, arguments: String) -> Delta {
+        Delta {
+            tool_calls: Some(vec![ToolCallDelta {
+                index,
+                id: None,
+                kind: None,
+                function: FunctionDelta {
+                    name: None,
+                    arguments,
+                },
+            }]),
+            ..Delta::default()
+        }
     }
 
     fn delta(
@@ -307,6 +321,7 @@ mod tests {
             reasoning,
             starts_in_reasoning: false,
             parallel: true,
+            stream_arguments: false,
         };
         ChatChunker {
             meta: Meta::new("chatcmpl", "m"),
@@ -398,6 +413,7 @@ mod tests {
             reasoning: true,
             starts_in_reasoning: false,
             parallel: true,
+            stream_arguments: false,
         };
         let ids: Vec<(u32, String)> = pieces.iter().map(|p| (1, p.to_string())).collect();
         let m = message(&cfg, &[], &ids);

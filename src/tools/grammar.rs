@@ -1,11 +1,13 @@
 //! What a constraint needs to enforce tool calls: per [`ToolFormat`], a
 //! Lark grammar (llguidance's dialect, the call's JSON embedded with
-//! `%json { schema }`) and, for `tool_choice: auto`, the triggers at which
-//! it takes over (a lazy grammar: free text until a trigger, then the rest
-//! of the call constrained, as llama.cpp's grammar triggers do).
+//! `%json { schema }`), for every `tool_choice` that enforces something.
 //!
 //! `required` and a named tool constrain the whole output to calls (the
-//! generic format's to its envelope). `parallel_tool_calls: false` allows one.
+//! generic format's to its envelope); `auto` allows free text and
+//! constrains a call from its trigger on, so a client never receives
+//! malformed arguments (llama.cpp's lazy grammars do this by buffering
+//! until a trigger; here the free text is part of the grammar).
+//! `parallel_tool_calls: false` allows one call.
 //! The engine consumes [`ToolGrammar::lark`] as a `ConstraintSpec::Lark`;
 //! nothing here depends on llguidance.
 
@@ -13,18 +15,27 @@ use serde_json::{json, Value};
 
 use super::{Tool, ToolChoice, ToolFormat};
 
-/// Where a lazy grammar starts.
+/// Where an unenforced `auto` grammar would start (see [`ToolGrammar::triggers`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrammarTrigger {
-    /// The text that starts a call (the grammar's first terminal matches it).
+    /// The text that starts a call.
     pub text: String,
-    /// Its token id when the tokenizer holds it as one special token: the
-    /// engine should watch for the id, since the text of a special token is
-    /// not in the detokenized output.
-    pub token: Option<u32>,
-    /// Only at the start of the output (Llama 3's bare `{`, the generic
-    /// envelope), not after text.
+    /// Only at the start of the output, not after text.
     pub at_start: bool,
+}
+
+/// A format's markers that the model's vocabulary holds as single tokens
+/// (special or not: Qwen's `<tool_call>` is an ordinary added token,
+/// Llama's `<|python_tag|>` a special one). A grammar names them by id
+/// (`<[id]>`, llguidance's syntax for one token), which is what lets
+/// `auto` be enforced: free tokens are "any token but the trigger".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallTokens {
+    /// The format's (first) trigger: `<tool_call>`, `<|python_tag|>`,
+    /// `[TOOL_CALLS]`.
+    pub open: Option<u32>,
+    /// Hermes' closing `</tool_call>`.
+    pub close: Option<u32>,
 }
 
 /// A tool-calling constraint.
@@ -32,14 +43,18 @@ pub struct GrammarTrigger {
 pub struct ToolGrammar {
     /// The grammar, in llguidance's Lark syntax.
     pub lark: String,
-    /// Empty: the grammar holds from the first generated token. Otherwise
-    /// the output is free until one of these appears, and the grammar
-    /// applies from it on.
+    /// Empty: the grammar holds from the first generated token (free text
+    /// where `auto` allows it is part of the grammar). Otherwise the
+    /// grammar is the call alone and nothing enforces it: `auto` in a
+    /// format whose trigger is several tokens of this vocabulary, where
+    /// "free text until the trigger" cannot be said by token and
+    /// llguidance's lexer cannot end free text at a multi-token trigger.
+    /// The calls are still parsed.
     pub triggers: Vec<GrammarTrigger>,
 }
 
 impl ToolGrammar {
-    /// Whether the grammar waits for a trigger.
+    /// Whether the grammar waits for a trigger (and so is not enforced).
     pub fn is_lazy(&self) -> bool {
         !self.triggers.is_empty()
     }
@@ -48,12 +63,16 @@ impl ToolGrammar {
 /// The grammar enforcing `choice` over `tools` in `format`; `None` when
 /// nothing is to be enforced (`none`, no tools, or a named tool that is not
 /// offered, which validation refuses before this is called).
-/// `trigger_token`: the format's trigger as a special token's id
-/// (`OutputSyntax::trigger_token`), so the grammar names it by id
-/// (`<[id]>`), the way llguidance matches special tokens.
+///
+/// `required` and a named tool: the output is calls from its first token.
+/// `auto`: free text (any token but the trigger), optionally followed by
+/// calls that are constrained from their trigger on; EOS is allowed after
+/// the free text or after a complete call, never inside one. Llama 3's
+/// bare-JSON calls are recognised at the start only, as its parser does:
+/// the free text is then text that does not start with `{`.
 pub fn tool_grammar(
     format: ToolFormat,
-    trigger_token: Option<u32>,
+    tokens: CallTokens,
     tools: &[Tool],
     choice: &ToolChoice,
     parallel: bool,
@@ -68,48 +87,65 @@ pub fn tool_grammar(
     }
     let forced = !matches!(choice, ToolChoice::Auto);
     let lit = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
-    let tag = |text: &str| match trigger_token {
+    let tag = |id: Option<u32>, text: &str| match id {
         Some(id) => format!("<[{id}]>"),
         None => lit(text),
     };
+    // `auto` with the trigger as one token: free tokens before the calls.
+    let free = |open: Option<u32>| -> Option<String> {
+        open.map(|id| format!("start: free_tok* calls?\nfree_tok: <[^{id}]>\n"))
+    };
+    let lazy = |text: &str, at_start: bool| {
+        vec![GrammarTrigger {
+            text: text.to_owned(),
+            at_start,
+        }]
+    };
+    let forced_start = "start: calls\n".to_owned();
     let (lark, triggers) = match format {
         ToolFormat::Hermes => {
             let schema = one_of(&offered, "arguments");
-            let start = if parallel {
-                "start: call (\"\\n\" call)*"
+            let calls = if parallel {
+                "calls: call (\"\\n\" call)*"
             } else {
-                "start: call"
+                "calls: call"
             };
-            let lark = format!(
-                "{start}\ncall: {} \"\\n\" call_json \"\\n\" \"</tool_call>\"\ncall_json: %json {}\n",
-                tag("<tool_call>"),
+            let body = format!(
+                "{calls}\ncall: {} \"\\n\" call_json \"\\n\" {}\ncall_json: %json {}\n",
+                tag(tokens.open, "<tool_call>"),
+                tag(tokens.close, "</tool_call>"),
                 compact(&schema)
             );
-            (
-                lark,
-                trigger_list(forced, &[("<tool_call>", false)], trigger_token),
-            )
+            match (forced, free(tokens.open)) {
+                (true, _) => (forced_start + &body, Vec::new()),
+                (false, Some(start)) => (start + &body, Vec::new()),
+                (false, None) => (forced_start + &body, lazy("<tool_call>", false)),
+            }
         }
         ToolFormat::Llama3Json => {
             let schema = one_of(&offered, "parameters");
-            let start = if parallel {
-                "start: tag? call (\"; \" call)*"
+            let calls = if parallel {
+                "calls: call (\"; \" call)*"
             } else {
-                "start: tag? call"
+                "calls: call"
             };
-            let lark = format!(
-                "{start}\ntag: {}\ncall: %json {}\n",
-                tag("<|python_tag|>"),
+            let body = format!(
+                "{calls}\ncall: %json {}\n",
                 compact(&schema)
             );
-            (
-                lark,
-                trigger_list(
-                    forced,
-                    &[("<|python_tag|>", false), ("{", true)],
-                    trigger_token,
-                ),
-            )
+            let tag_rule = tokens
+                .open
+                .map(|id| format!("tag: <[{id}]>\n"))
+                .unwrap_or_default();
+            let tagged = if tokens.open.is_some() { "tag? calls" } else { "calls" };
+            let start = if forced {
+                format!("start: {tagged}\n")
+            } else {
+                // Text is anything that does not open with `{` (or is
+                // empty): a call can only start the output.
+                format!("start: TEXT? | {tagged}\nTEXT: /[^{{](.|\\n)*/\n")
+            };
+            (start + &tag_rule + &body, Vec::new())
         }
         ToolFormat::Mistral => {
             let mut array =
@@ -117,15 +153,16 @@ pub fn tool_grammar(
             if !parallel {
                 array["maxItems"] = json!(1);
             }
-            let lark = format!(
-                "start: {} \" \"? calls\ncalls: %json {}\n",
-                tag("[TOOL_CALLS]"),
+            let body = format!(
+                "calls: {} \" \"? calls_json\ncalls_json: %json {}\n",
+                tag(tokens.open, "[TOOL_CALLS]"),
                 compact(&array)
             );
-            (
-                lark,
-                trigger_list(forced, &[("[TOOL_CALLS]", false)], trigger_token),
-            )
+            match (forced, free(tokens.open)) {
+                (true, _) => (forced_start + &body, Vec::new()),
+                (false, Some(start)) => (start + &body, Vec::new()),
+                (false, None) => (forced_start + &body, lazy("[TOOL_CALLS]", false)),
+            }
         }
         ToolFormat::Generic => {
             // The whole output is the envelope, whatever the choice: the
@@ -190,25 +227,6 @@ pub fn one_of(tools: &[&Tool], args_key: &str) -> Value {
     }
 }
 
-fn trigger_list(
-    forced: bool,
-    triggers: &[(&str, bool)],
-    first_token: Option<u32>,
-) -> Vec<GrammarTrigger> {
-    if forced {
-        return Vec::new();
-    }
-    triggers
-        .iter()
-        .enumerate()
-        .map(|(i, &(text, at_start))| GrammarTrigger {
-            text: text.to_owned(),
-            token: if i == 0 { first_token } else { None },
-            at_start,
-        })
-        .collect()
-}
-
 /// An embedded `%json` schema, with the whitespace between JSON tokens
 /// bounded as for `response_format` schemas
 /// ([`crate::constraint::JSON_WHITESPACE`]): llguidance's default inside
@@ -250,14 +268,19 @@ mod tests {
         serde_json::from_str(&line[rule.len() + 8..]).expect("embedded schema parses")
     }
 
+    const NONE: CallTokens = CallTokens {
+        open: None,
+        close: None,
+    };
+
     #[test]
     fn none_and_unknown_names_give_no_grammar() {
         let t = tools();
-        assert!(tool_grammar(ToolFormat::Hermes, None, &t, &ToolChoice::None, true).is_none());
-        assert!(tool_grammar(ToolFormat::Hermes, None, &[], &ToolChoice::Auto, true).is_none());
+        assert!(tool_grammar(ToolFormat::Hermes, NONE, &t, &ToolChoice::None, true).is_none());
+        assert!(tool_grammar(ToolFormat::Hermes, NONE, &[], &ToolChoice::Auto, true).is_none());
         assert!(tool_grammar(
             ToolFormat::Hermes,
-            None,
+            NONE,
             &t,
             &ToolChoice::Named("nope".into()),
             true
@@ -266,18 +289,24 @@ mod tests {
     }
 
     #[test]
-    fn hermes_auto_is_lazy_at_its_tag_and_required_is_not() {
+    fn hermes_auto_is_free_tokens_then_calls_when_its_tag_is_one_token() {
         let t = tools();
-        let g = tool_grammar(ToolFormat::Hermes, None, &t, &ToolChoice::Auto, true).expect("g");
-        assert!(g.is_lazy());
-        assert_eq!(g.triggers[0].text, "<tool_call>");
+        let tokens = CallTokens {
+            open: Some(151657),
+            close: Some(151658),
+        };
+        let g = tool_grammar(ToolFormat::Hermes, tokens, &t, &ToolChoice::Auto, true).expect("g");
+        assert!(!g.is_lazy());
         assert!(
-            g.lark.starts_with("start: call (\"\\n\" call)*\n"),
+            g.lark
+                .starts_with("start: free_tok* calls?\nfree_tok: <[^151657]>\n"),
             "{}",
             g.lark
         );
+        assert!(g.lark.contains("calls: call (\"\\n\" call)*"), "{}", g.lark);
         assert!(
-            g.lark.contains("call: \"<tool_call>\" \"\\n\" call_json"),
+            g.lark
+                .contains("call: <[151657]> \"\\n\" call_json \"\\n\" <[151658]>"),
             "{}",
             g.lark
         );
@@ -292,10 +321,26 @@ mod tests {
             json!(["city"])
         );
 
+        let g = tool_grammar(ToolFormat::Hermes, tokens, &t, &ToolChoice::Required, false)
+            .expect("g");
+        assert!(g.lark.starts_with("start: calls\ncalls: call\n"), "{}", g.lark);
+    }
+
+    #[test]
+    fn hermes_auto_is_lazy_when_its_tag_is_several_tokens() {
+        let t = tools();
+        let g = tool_grammar(ToolFormat::Hermes, NONE, &t, &ToolChoice::Auto, true).expect("g");
+        assert!(g.is_lazy());
+        assert_eq!(g.triggers[0].text, "<tool_call>");
+        assert!(
+            g.lark
+                .contains("call: \"<tool_call>\" \"\\n\" call_json \"\\n\" \"</tool_call>\""),
+            "{}",
+            g.lark
+        );
         let g =
-            tool_grammar(ToolFormat::Hermes, None, &t, &ToolChoice::Required, false).expect("g");
+            tool_grammar(ToolFormat::Hermes, NONE, &t, &ToolChoice::Required, false).expect("g");
         assert!(!g.is_lazy());
-        assert!(g.lark.starts_with("start: call\n"), "{}", g.lark);
     }
 
     #[test]
@@ -303,7 +348,7 @@ mod tests {
         let t = tools();
         let g = tool_grammar(
             ToolFormat::Hermes,
-            None,
+            NONE,
             &t,
             &ToolChoice::Named("get_time".into()),
             true,
@@ -315,53 +360,54 @@ mod tests {
     }
 
     #[test]
-    fn llama3_uses_parameters_and_both_triggers() {
-        let g = tool_grammar(
-            ToolFormat::Llama3Json,
-            Some(128010),
-            &tools(),
-            &ToolChoice::Auto,
-            true,
-        )
-        .expect("g");
+    fn llama3_uses_parameters_and_calls_only_at_the_start() {
+        let tokens = CallTokens {
+            open: Some(128010),
+            close: None,
+        };
+        let g = tool_grammar(ToolFormat::Llama3Json, tokens, &tools(), &ToolChoice::Auto, true)
+            .expect("g");
+        assert!(!g.is_lazy());
+        assert!(g.lark.starts_with("start: TEXT? | tag? calls\n"), "{}", g.lark);
         assert!(g.lark.contains("tag: <[128010]>"), "{}", g.lark);
         let schema = embedded(&g.lark, "call");
         assert!(schema["anyOf"][0]["properties"]["parameters"].is_object());
-        assert_eq!(g.triggers.len(), 2);
-        assert_eq!(g.triggers[0].token, Some(128010));
-        assert!(g.triggers[1].at_start && g.triggers[1].text == "{");
+        let g = tool_grammar(ToolFormat::Llama3Json, NONE, &tools(), &ToolChoice::Required, true)
+            .expect("g");
+        assert!(g.lark.starts_with("start: calls\n"), "{}", g.lark);
     }
 
     #[test]
     fn mistral_is_an_array_after_its_token() {
-        let g = tool_grammar(
-            ToolFormat::Mistral,
-            Some(5),
-            &tools(),
-            &ToolChoice::Required,
-            false,
-        )
-        .expect("g");
+        let tokens = CallTokens {
+            open: Some(5),
+            close: None,
+        };
+        let g = tool_grammar(ToolFormat::Mistral, tokens, &tools(), &ToolChoice::Required, false)
+            .expect("g");
         assert!(
-            g.lark.starts_with("start: <[5]> \" \"? calls"),
+            g.lark.starts_with("start: calls\ncalls: <[5]> \" \"? calls_json"),
             "{}",
             g.lark
         );
-        let schema = embedded(&g.lark, "calls");
+        let schema = embedded(&g.lark, "calls_json");
         assert_eq!(schema["type"], "array");
         assert_eq!(schema["maxItems"], 1);
         assert!(!g.is_lazy());
+        let g = tool_grammar(ToolFormat::Mistral, tokens, &tools(), &ToolChoice::Auto, true)
+            .expect("g");
+        assert!(g.lark.starts_with("start: free_tok* calls?\nfree_tok: <[^5]>"), "{}", g.lark);
     }
 
     #[test]
     fn the_generic_envelope_allows_an_answer_only_under_auto() {
         let t = tools();
-        let g = tool_grammar(ToolFormat::Generic, None, &t, &ToolChoice::Auto, true).expect("g");
+        let g = tool_grammar(ToolFormat::Generic, NONE, &t, &ToolChoice::Auto, true).expect("g");
         assert!(!g.is_lazy());
         let schema = embedded(&g.lark, "envelope");
         assert_eq!(schema["anyOf"][1]["required"], json!(["response"]));
         let g =
-            tool_grammar(ToolFormat::Generic, None, &t, &ToolChoice::Required, false).expect("g");
+            tool_grammar(ToolFormat::Generic, NONE, &t, &ToolChoice::Required, false).expect("g");
         let schema = embedded(&g.lark, "envelope");
         assert_eq!(schema["required"], json!(["tool_calls"]));
         assert_eq!(schema["properties"]["tool_calls"]["maxItems"], 1);

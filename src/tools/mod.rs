@@ -168,6 +168,9 @@ pub struct OutputSyntax {
     /// Mistral's `[TOOL_CALLS]`): the parser is given their text when their
     /// id comes by.
     pub special_markers: Vec<(u32, String)>,
+    /// The format's markers that are single tokens of the vocabulary, for
+    /// the grammars that enforce calls.
+    pub call_tokens: grammar::CallTokens,
 }
 
 impl OutputSyntax {
@@ -191,11 +194,24 @@ impl OutputSyntax {
                 tokenizer.is_special(id).then(|| (id, m.to_owned()))
             })
             .collect();
+        let single = |text: &str| tokenizer.token_id(text);
+        let call_tokens = grammar::CallTokens {
+            open: tool_format
+                .triggers()
+                .iter()
+                .find(|t| !t.at_start)
+                .and_then(|t| single(t.text)),
+            close: match tool_format {
+                ToolFormat::Hermes => single("</tool_call>"),
+                _ => None,
+            },
+        };
         OutputSyntax {
             tool_format,
             template_renders_calls: template.is_some_and(|t| t.mentions("tool_calls")),
             reasoning,
             special_markers,
+            call_tokens,
         }
     }
 
@@ -231,16 +247,6 @@ impl OutputSyntax {
         }
         (messages, None)
     }
-
-    /// The id of a format's (first) trigger when it is a special token, for
-    /// grammars that must name it by id.
-    pub fn trigger_token(&self) -> Option<u32> {
-        let first = self.tool_format.triggers().first()?;
-        self.special_markers
-            .iter()
-            .find(|(_, text)| text == first.text)
-            .map(|(id, _)| *id)
-    }
 }
 
 impl Default for OutputSyntax {
@@ -250,6 +256,7 @@ impl Default for OutputSyntax {
             template_renders_calls: false,
             reasoning: false,
             special_markers: Vec::new(),
+            call_tokens: grammar::CallTokens::default(),
         }
     }
 }

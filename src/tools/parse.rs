@@ -2,19 +2,24 @@
 //!
 //! [`OutputParser`] takes the text of each new token and returns what is
 //! now known: [`Delta::Reasoning`] (inside `<think>…</think>`),
-//! [`Delta::Content`] (the answer) and [`Delta::Call`] (a whole call). The
+//! [`Delta::Content`] (the answer) and [`Delta::Call`] (a whole call), or,
+//! where a grammar enforces the calls, [`Delta::CallStart`] and
+//! [`Delta::CallArguments`] (a call's name, then its arguments as they
+//! come). The
 //! server streams the deltas and, for a non-streamed response, folds the
 //! same deltas ([`Parsed::fold`]), so a client concatenating a stream gets
 //! exactly the non-streamed message whatever the token boundaries were.
 //!
 //! Text that might be the start of a marker (`<tool_call>`, `</think>`, a
 //! leading `{` of a Llama 3 call) is held back until it is known not to be
-//! one. A call is held until it is complete and its JSON parses: then its
-//! name and arguments go out together, so no client ever sees arguments
-//! that do not parse. (Once the grammar constrains the rest of a started
-//! call, streaming the arguments as they come would be safe; see
-//! `docs/ARCHITECTURE.md`.) Text that looked like a call but does not parse
-//! is given back as content, never dropped.
+//! one. Unless a grammar enforces the calls, a call is held until it is
+//! complete and its JSON parses: then its name and arguments go out
+//! together, so no client ever sees arguments that do not parse, and text
+//! that looked like a call but does not parse is given back as content,
+//! never dropped. Where a grammar enforces them
+//! ([`ParserConfig::stream_arguments`]), a started call can only end as a
+//! valid one, so its arguments go out piece by piece as OpenAI streams
+//! them, and the non-streamed message holds the same text.
 
 use serde_json::Value;
 
@@ -31,6 +36,10 @@ pub struct ParserConfig {
     pub starts_in_reasoning: bool,
     /// `parallel_tool_calls`: false keeps the first call only.
     pub parallel: bool,
+    /// A grammar enforces the calls (name before arguments, arguments that
+    /// validate): give the arguments out as they come. Only the formats
+    /// whose call is one JSON object (Hermes, Llama 3) use it.
+    pub stream_arguments: bool,
 }
 
 impl ParserConfig {
@@ -60,6 +69,27 @@ pub enum Delta {
         index: usize,
         call: ToolCall,
     },
+    /// The `index`-th call starts: its id and name (arguments follow).
+    CallStart {
+        index: usize,
+        id: String,
+        name: String,
+    },
+    /// More of the `index`-th call's arguments.
+    CallArguments {
+        index: usize,
+        text: String,
+    },
+}
+
+/// A call whose arguments are given out as they come.
+#[derive(Debug, Clone, Copy)]
+struct Streaming {
+    index: usize,
+    /// Where the arguments' value starts in `buf`.
+    start: usize,
+    /// Bytes of the value already given out.
+    sent: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +114,7 @@ pub struct OutputParser {
     /// the thinking (after `<think>`).
     trim_start: bool,
     calls: usize,
+    streaming: Option<Streaming>,
 }
 
 impl OutputParser {
@@ -100,6 +131,7 @@ impl OutputParser {
             at_start: true,
             trim_start: starts_thinking,
             calls: 0,
+            streaming: None,
         }
     }
 
@@ -284,6 +316,34 @@ impl OutputParser {
             self.state = State::Answer;
             return true;
         };
+        if self.cfg.stream_arguments
+            && matches!(format, ToolFormat::Hermes | ToolFormat::Llama3Json)
+        {
+            if self.streaming.is_none() {
+                match call_head(format, &self.buf) {
+                    Head::Short if !last => return false,
+                    // Not the shape the grammar writes: read it whole.
+                    Head::Short | Head::No => {}
+                    Head::Args { name, at } => {
+                        let index = self.calls;
+                        self.calls += 1;
+                        out.push(Delta::CallStart {
+                            index,
+                            id: new_call_id(),
+                            name,
+                        });
+                        self.streaming = Some(Streaming {
+                            index,
+                            start: at,
+                            sent: 0,
+                        });
+                    }
+                }
+            }
+            if let Some(s) = self.streaming {
+                return self.step_streaming(format, s, last, out);
+            }
+        }
         match read_calls(format, &self.buf, last) {
             Scan::Incomplete if !last => false,
             Scan::Incomplete | Scan::NotACall => {
@@ -334,6 +394,227 @@ impl OutputParser {
                 true
             }
         }
+    }
+}
+
+impl OutputParser {
+    /// Gives out what has come of a streaming call's arguments; at their
+    /// end, consumes the rest of the call.
+    fn step_streaming(
+        &mut self,
+        format: ToolFormat,
+        mut s: Streaming,
+        last: bool,
+        out: &mut Vec<Delta>,
+    ) -> bool {
+        let value = &self.buf[s.start..];
+        let end = json_value_end(value);
+        let upto = end.unwrap_or(value.len());
+        if upto > s.sent {
+            out.push(Delta::CallArguments {
+                index: s.index,
+                text: value[s.sent..upto].to_owned(),
+            });
+            s.sent = upto;
+        }
+        let Some(end) = end else {
+            if last {
+                // Cut off inside the arguments (`max_tokens`): the call
+                // ends with what came, as the non-streamed message does.
+                self.buf.clear();
+                self.streaming = None;
+                self.state = State::Answer;
+            } else {
+                self.streaming = Some(s);
+            }
+            return false;
+        };
+        let after = s.start + end;
+        match call_tail(format, &self.buf[after..], last) {
+            None => {
+                self.streaming = Some(s);
+                false
+            }
+            Some((consumed, more)) => {
+                self.buf.drain(..after + consumed);
+                self.streaming = None;
+                if !more {
+                    self.state = State::Answer;
+                }
+                self.at_start = false;
+                self.trim_start = true;
+                true
+            }
+        }
+    }
+}
+
+/// How far a streaming call's opening has come.
+enum Head {
+    /// `buf` may still become a call's opening.
+    Short,
+    /// Not the opening the grammar writes.
+    No,
+    /// The call's name, and where its arguments' object starts.
+    Args { name: String, at: usize },
+}
+
+/// Reads `<tool_call>{"name": "…", "arguments": ` (Hermes) or
+/// `[<|python_tag|>]{"name": "…", "parameters": ` (Llama 3), with any
+/// whitespace between JSON tokens, up to the arguments' `{`.
+fn call_head(format: ToolFormat, buf: &str) -> Head {
+    let mut c = Cursor {
+        s: buf,
+        pos: 0,
+        last_string: None,
+    };
+    let key = match format {
+        ToolFormat::Hermes => {
+            match c.lit(HERMES_OPEN) {
+                Step::Ok => {}
+                Step::Short => return Head::Short,
+                Step::No => return Head::No,
+            }
+            "\"arguments\""
+        }
+        _ => {
+            if c.lit(PYTHON_TAG) == Step::Short {
+                return Head::Short;
+            }
+            "\"parameters\""
+        }
+    };
+    // `{ "name" : "…" , <key> :`, whitespace anywhere between.
+    let shape = [
+        Some("{"),
+        Some("\"name\""),
+        Some(":"),
+        None,
+        Some(","),
+        Some(key),
+        Some(":"),
+    ];
+    for expected in shape {
+        c.ws();
+        let step = match expected {
+            Some(text) => c.lit(text),
+            None => c.string(),
+        };
+        match step {
+            Step::Ok => {}
+            Step::Short => return Head::Short,
+            Step::No => return Head::No,
+        }
+    }
+    let name = c.last_string.take();
+    c.ws();
+    match (c.rest().chars().next(), name) {
+        (None, _) => Head::Short,
+        (Some('{'), Some(name)) => Head::Args { name, at: c.pos },
+        _ => Head::No,
+    }
+}
+
+/// What follows a streaming call's arguments: the object's `}` and, for
+/// Hermes, `</tool_call>`; for Llama 3, a `;` before another call. Returns
+/// the bytes it takes and whether another call follows in the same block;
+/// `None` while more text is needed.
+fn call_tail(format: ToolFormat, after: &str, last: bool) -> Option<(usize, bool)> {
+    let mut c = Cursor {
+        s: after,
+        pos: 0,
+        last_string: None,
+    };
+    c.ws();
+    let closers: &[&str] = match format {
+        ToolFormat::Hermes => &["}", HERMES_CLOSE],
+        _ => &["}"],
+    };
+    for closer in closers {
+        c.ws();
+        match c.lit(closer) {
+            Step::Ok => {}
+            Step::Short if !last => return None,
+            // Cut short inside the closing: it goes with the call.
+            Step::Short => return Some((after.len(), false)),
+            // Not what the grammar writes: the call ends here and the rest
+            // is the answer's.
+            Step::No => return Some((c.pos, false)),
+        }
+    }
+    if format == ToolFormat::Llama3Json {
+        let lead = c.rest().len() - c.rest().trim_start().len();
+        match c.rest()[lead..].chars().next() {
+            Some(';') => return Some((c.pos + lead + 1, true)),
+            None if !last => return None,
+            _ => {}
+        }
+    }
+    Some((c.pos, false))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Ok,
+    /// The text ends before it could tell.
+    Short,
+    No,
+}
+
+/// A position in text being matched against a call's fixed shape.
+struct Cursor<'a> {
+    s: &'a str,
+    pos: usize,
+    last_string: Option<String>,
+}
+
+impl Cursor<'_> {
+    fn rest(&self) -> &str {
+        &self.s[self.pos..]
+    }
+
+    fn ws(&mut self) {
+        let rest = self.rest();
+        self.pos += rest.len() - rest.trim_start().len();
+    }
+
+    fn lit(&mut self, text: &str) -> Step {
+        let rest = self.rest();
+        if rest.starts_with(text) {
+            self.pos += text.len();
+            Step::Ok
+        } else if text.starts_with(rest) {
+            Step::Short
+        } else {
+            Step::No
+        }
+    }
+
+    /// A JSON string, kept in `last_string`.
+    fn string(&mut self) -> Step {
+        let rest = self.rest();
+        if !rest.starts_with('"') {
+            return if rest.is_empty() { Step::Short } else { Step::No };
+        }
+        let mut escaped = false;
+        for (i, b) in rest.bytes().enumerate().skip(1) {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => {
+                    return match serde_json::from_str::<String>(&rest[..=i]) {
+                        Ok(v) => {
+                            self.last_string = Some(v);
+                            self.pos += i + 1;
+                            Step::Ok
+                        }
+                        Err(_) => Step::No,
+                    };
+                }
+                _ => {}
+            }
+        }
+        Step::Short
     }
 }
 
@@ -696,6 +977,10 @@ fn merge(deltas: Vec<Delta>) -> Vec<Delta> {
         match (out.last_mut(), d) {
             (Some(Delta::Content(a)), Delta::Content(b)) => a.push_str(&b),
             (Some(Delta::Reasoning(a)), Delta::Reasoning(b)) => a.push_str(&b),
+            (
+                Some(Delta::CallArguments { index: i, text: a }),
+                Delta::CallArguments { index: j, text: b },
+            ) if *i == j => a.push_str(&b),
             (_, d) => out.push(d),
         }
     }
@@ -728,6 +1013,16 @@ impl Parsed {
                 Delta::Reasoning(t) => p.reasoning.push_str(&t),
                 Delta::Content(t) => p.content.push_str(&t),
                 Delta::Call { call, .. } => p.calls.push(call),
+                Delta::CallStart { id, name, .. } => p.calls.push(ToolCall {
+                    id,
+                    name,
+                    arguments: String::new(),
+                }),
+                Delta::CallArguments { index, text } => {
+                    if let Some(call) = p.calls.get_mut(index) {
+                        call.arguments.push_str(&text);
+                    }
+                }
             }
         }
         p
@@ -769,6 +1064,7 @@ mod tests {
             reasoning,
             starts_in_reasoning: false,
             parallel: true,
+            stream_arguments: false,
         }
     }
 
@@ -814,6 +1110,63 @@ mod tests {
 
     fn call(name: &str, args: &str) -> (String, String) {
         (name.to_owned(), args.to_owned())
+    }
+
+    /// Where a grammar enforces the calls, a call's name goes out as soon
+    /// as it is known and its arguments as they come, as their own text;
+    /// every split of the stream folds to the same message.
+    #[test]
+    fn enforced_calls_stream_their_arguments_as_they_come() {
+        let mut c = cfg(Some(ToolFormat::Hermes), true);
+        c.stream_arguments = true;
+        let text = "<think>\nCheck.\n</think>\n\nLet me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa}ris\", \"n\": [1, {\"a\": 2}]}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+        let p = check_streams(&c, text);
+        assert_eq!(p.reasoning, "Check.");
+        assert_eq!(p.content, "Let me check.\n");
+        assert_eq!(
+            shape(&p).2,
+            vec![
+                call("get_weather", r#"{"city": "Pa}ris", "n": [1, {"a": 2}]}"#),
+                call("get_time", "{}")
+            ]
+        );
+        // Mid-arguments, the call has started and part of them is out.
+        let cut = text.find("ris").expect("in text");
+        let mut parser = OutputParser::new(c.clone());
+        let d = parser.push(&text[..cut]);
+        assert!(
+            d.iter().any(|d| matches!(d, Delta::CallStart { index: 0, name, .. } if name == "get_weather")),
+            "{d:?}"
+        );
+        assert!(
+            d.contains(&Delta::CallArguments {
+                index: 0,
+                text: r#"{"city": "Pa}"#.into()
+            }),
+            "{d:?}"
+        );
+
+        let mut c = cfg(Some(ToolFormat::Llama3Json), false);
+        c.stream_arguments = true;
+        for text in [
+            "{\"name\": \"a\", \"parameters\": {\"x\": 1}}; {\"name\": \"b\", \"parameters\": {}}",
+            "<|python_tag|>{\"name\": \"a\", \"parameters\": {\"x\": 1}}; {\"name\": \"b\", \"parameters\": {}}",
+        ] {
+            let p = check_streams(&c, text);
+            assert_eq!(p.content, "", "{text}");
+            assert_eq!(
+                shape(&p).2,
+                vec![call("a", r#"{"x": 1}"#), call("b", "{}")],
+                "{text}"
+            );
+        }
+        // Cut off by `max_tokens` inside the arguments: the call holds what
+        // came, streamed or not.
+        let p = check_streams(&c, "{\"name\": \"a\", \"parameters\": {\"x\": ");
+        assert_eq!(shape(&p).2, vec![call("a", r#"{"x": "#)]);
+        // Text that is not a call stays text.
+        let p = check_streams(&c, "Sunny.");
+        assert_eq!((p.content.as_str(), p.calls.len()), ("Sunny.", 0));
     }
 
     #[test]

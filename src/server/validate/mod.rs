@@ -17,7 +17,7 @@ use crate::engine::Request;
 use crate::pipeline::Pipeline;
 use crate::tools::grammar::{tool_grammar, ToolGrammar};
 use crate::tools::parse::ParserConfig;
-use crate::tools::prompt_opens_thinking;
+use crate::tools::{prompt_opens_thinking, ToolChoice};
 
 use super::error::AppError;
 use super::request::{ChatRequest, CompletionRequest, Content, Prompt, WireMessage};
@@ -166,10 +166,11 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
         reasoning: syntax.reasoning,
         starts_in_reasoning: syntax.reasoning && prompt_opens_thinking(&text),
         parallel: tools.parallel,
+        stream_arguments: false,
     };
     let grammar = tool_grammar(
         format,
-        syntax.trigger_token(),
+        syntax.call_tokens,
         &tools.tools,
         &tools.choice,
         tools.parallel,
@@ -185,22 +186,36 @@ pub fn chat(req: ChatRequest, ready: &Ready, served: &str) -> Result<ValidReques
     valid.tool_grammar = grammar;
     // Compiled last: it is the costliest check.
     let mut constraint = structured::constraint(structured, ready)?;
-    // `required` or a named tool: the whole output is calls, enforced from
-    // the first token. (`auto`'s grammar waits for a trigger: not enforced
-    // yet.)
+    // The calls' grammar holds from the first token: for `required` and a
+    // named tool the output is calls; for `auto`, free text or calls.
+    // `auto` beside `response_format` leaves the output to the format (as
+    // vLLM does); a lazy grammar (a trigger of several tokens) is not
+    // enforced, only parsed.
+    let forcing = !matches!(tools.choice, ToolChoice::Auto);
     if let Some(g) = valid.tool_grammar.as_ref().filter(|g| !g.is_lazy()) {
-        if constraint.is_some() {
-            return Err(AppError::invalid(
-                "tool_choice",
-                "A `tool_choice` that forces a call cannot be combined with `response_format`, `structured_outputs` or `guided_*`.",
-            ));
+        match (&constraint, forcing) {
+            (Some(_), true) => {
+                return Err(AppError::invalid(
+                    "tool_choice",
+                    "A `tool_choice` that forces a call cannot be combined with `response_format`, `structured_outputs` or `guided_*`.",
+                ));
+            }
+            (Some(_), false) => {
+                tracing::debug!("tool_choice auto beside a response format: the format holds");
+            }
+            (None, _) => {
+                let spec = ConstraintSpec::Lark(g.lark.clone());
+                let compiled = ready.pipeline().compile_constraint(&spec).map_err(|e| {
+                    AppError::invalid("tools", format!("`tools`: the calls' grammar: {e}"))
+                })?;
+                constraint = Some(compiled);
+                // A started call can only end valid: its arguments may
+                // stream as they come.
+                valid.parser.stream_arguments = true;
+            }
         }
-        let spec = ConstraintSpec::Lark(g.lark.clone());
-        let compiled = ready
-            .pipeline()
-            .compile_constraint(&spec)
-            .map_err(|e| AppError::invalid("tools", format!("`tools`: the calls' grammar: {e}")))?;
-        constraint = Some(compiled);
+    } else if valid.tool_grammar.is_some() {
+        tracing::debug!("tool calls in this vocabulary start with several tokens: parsed, not enforced");
     }
     Ok(valid.constrained(constraint))
 }

@@ -226,6 +226,7 @@ impl Common {
                 reasoning: false,
                 starts_in_reasoning: false,
                 parallel: true,
+            stream_arguments: false,
             },
             special_markers: Vec::new(),
             tool_grammar: None,
