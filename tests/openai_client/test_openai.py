@@ -35,11 +35,15 @@ def taper_bin():
 
 @pytest.fixture(scope="session")
 def server():
+    yield from start_server([])
+
+
+def start_server(extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("TAPER_API_KEY", None)
     proc = subprocess.Popen(
         [taper_bin(), "serve", "--model", str(FIXTURE), "--port", "0",
-         "--served-model-name", NAME, "--api-key", KEY],
+         "--served-model-name", NAME, "--api-key", KEY, *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
     port = {}
@@ -271,3 +275,102 @@ def test_tool_errors_raise_bad_request(client):
             prediction={"type": "content", "content": "x"},
         )
     assert "prediction" in str(e.value)
+
+
+# A short Hermes-format template (`<tool_call>` calls, as Qwen's): the
+# fixture's own template ignores tools, and the generic format's system
+# prompt with them outgrows its 512 positions.
+HERMES = (
+    "{%- if tools %}<|im_start|>system\nTools: {% for t in tools %}{{ t.function.name }} {% endfor %}"
+    "- call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def hermes_client(tmp_path_factory):
+    template = tmp_path_factory.mktemp("hermes") / "hermes.jinja"
+    template.write_text(HERMES)
+    gen = start_server(["--chat-template", str(template)])
+    base = next(gen)
+    yield openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    next(gen, None)
+
+
+BOUNDED = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def fold_stream(chunks):
+    """Content and calls (name, arguments) of a streamed chat reply."""
+    content, calls, finish = "", [], None
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for c in choice.delta.tool_calls or []:
+            if c.function and c.function.name:
+                assert c.id and c.index == len(calls)
+                calls.append([c.function.name, ""])
+            calls[c.index][1] += (c.function.arguments or "") if c.function else ""
+        finish = choice.finish_reason or finish
+    return content, calls, finish
+
+
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_forced_tool_calls_validate_streamed_and_not(hermes_client, choice):
+    # Noise from random weights: a call can only come from the grammar.
+    import jsonschema
+
+    schema = BOUNDED["function"]["parameters"]
+    args = dict(
+        model=NAME, messages=[{"role": "user", "content": "Weather?"}],
+        tools=[BOUNDED], tool_choice=choice, parallel_tool_calls=False,
+        max_tokens=300, temperature=0,
+    )
+    r = hermes_client.chat.completions.create(**args)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    _, calls, finish = fold_stream(hermes_client.chat.completions.create(stream=True, **args))
+    assert finish == "tool_calls"
+    assert calls == [["get_weather", call.function.arguments]]
+
+
+def test_parse_with_a_pydantic_model_returns_the_object(client):
+    # `client.chat.completions.parse` sends a strict json_schema made from
+    # the model class and parses the reply into it.
+    from typing import Literal
+
+    import pydantic
+
+    class Forecast(pydantic.BaseModel):
+        city: Literal["Paris", "Oslo"]
+        days: int = pydantic.Field(ge=1, le=7)
+        rain: bool
+
+    r = client.chat.completions.parse(
+        model=NAME, messages=[{"role": "user", "content": "Forecast?"}],
+        response_format=Forecast, max_tokens=300, temperature=0,
+    )
+    parsed = r.choices[0].message.parsed
+    assert isinstance(parsed, Forecast), r.choices[0].message.content
+    assert parsed.city in ("Paris", "Oslo") and 1 <= parsed.days <= 7
