@@ -89,6 +89,15 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `silu(gate) * up` in place in `gate`, the same arithmetic as
+/// [`silu_mul`] (so a token's bits do not depend on which path ran).
+pub(crate) fn silu_mul_slice(gate: &mut [f32], up: &[f32]) {
+    let avx512 = use_avx512();
+    gate.par_chunks_mut(BLOCK)
+        .zip(up.par_chunks(BLOCK))
+        .for_each(|(g, u)| silu_mul_block(g, u, avx512));
+}
+
 /// Softmax of one row in place (AVX-512 when the CPU has it).
 pub(crate) fn softmax_slice(row: &mut [f32]) {
     softmax_row(row, use_avx512())

@@ -109,6 +109,15 @@ impl Linear {
     }
 
     /// Whether the weight is quantized.
+    /// The quantized weights, when the layer has them and no bias (what
+    /// grouped products over several layers take).
+    pub fn quantized_unbiased(&self) -> Option<&QMatrix> {
+        match (&self.weight, &self.bias) {
+            (LinearWeight::Quantized(q), None) => Some(q.as_ref()),
+            _ => None,
+        }
+    }
+
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quantized(_))
     }

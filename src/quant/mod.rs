@@ -356,6 +356,72 @@ impl QMatrix {
             .collect()
     }
 
+    /// Products of matrices each with its own input: matrix `i` reads
+    /// `inputs[which[i]]` (`[tokens, cols]` f32). One parallel pass per
+    /// format among the matrices (each input quantized once per format that
+    /// reads it), so a mixture-of-experts layer's experts, each over the
+    /// tokens routed to it, synchronise the pool once or twice instead of
+    /// once per expert and projection.
+    pub fn matmul_grouped(
+        mats: &[&QMatrix],
+        which: &[usize],
+        inputs: &[(&[f32], usize)],
+    ) -> Result<Vec<Vec<f32>>> {
+        if mats.len() != which.len() || which.iter().any(|&j| j >= inputs.len()) {
+            return Err(Error::InvalidRequest(format!(
+                "a grouped product of {} matrices with {} input choices over {} inputs",
+                mats.len(),
+                which.len(),
+                inputs.len()
+            )));
+        }
+        for (m, &j) in mats.iter().zip(which) {
+            let (x, tokens) = inputs[j];
+            if x.len() != tokens * m.cols() {
+                return Err(Error::InvalidRequest(format!(
+                    "a {} projection of width {} got {} values for {tokens} tokens",
+                    m.format(),
+                    m.cols(),
+                    x.len()
+                )));
+            }
+        }
+        let kernel = Kernel::best();
+        let mut outs: Vec<Option<Vec<f32>>> = vec![None; mats.len()];
+        for format in [Quant::Q8_0, Quant::Q6K, Quant::Q4K, Quant::Q4_0] {
+            let idx: Vec<usize> = (0..mats.len())
+                .filter(|&i| mats[i].format() == format)
+                .collect();
+            let sel: Vec<usize> = idx.iter().map(|&i| which[i]).collect();
+            macro_rules! pass {
+                ($variant:ident, $run:path) => {{
+                    let ms: Vec<_> = idx
+                        .iter()
+                        .filter_map(|&i| match mats[i] {
+                            QMatrix::$variant(q) => Some(q),
+                            _ => None,
+                        })
+                        .collect();
+                    $run(kernel, &ms, &sel, inputs)?
+                }};
+            }
+            let ys = match format {
+                _ if idx.is_empty() => continue,
+                Quant::Q8_0 => pass!(Q8_0, q8_0::matmul_grouped),
+                Quant::Q6K => pass!(Q6K, unit::matmul_grouped),
+                Quant::Q4K => pass!(Q4K, unit::matmul_grouped),
+                Quant::Q4_0 => pass!(Q4_0, unit::matmul_grouped),
+                Quant::None => continue,
+            };
+            for (i, y) in idx.into_iter().zip(ys) {
+                outs[i] = Some(y);
+            }
+        }
+        outs.into_iter()
+            .map(|y| y.ok_or_else(|| Error::InvalidRequest("a product was not computed".into())))
+            .collect()
+    }
+
     /// The weights as stored (dequantized), row-major `rows × cols`.
     pub fn dequantize(&self) -> Vec<f32> {
         each!(self, q => q.dequantize())

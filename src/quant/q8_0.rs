@@ -351,7 +351,7 @@ impl Q8Matrix {
         // SAFETY: the same memory seen as possibly uninitialised; the pass
         // only writes f32 values into it.
         let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        matmul_group(kernel, &[self], acts, &mut [out])
+        matmul_group(kernel, &[self], &[acts], &mut [out])
     }
 
     /// Rows `r0..r1` for tokens `t0..t0 + T`, written into `out`.
@@ -410,9 +410,38 @@ pub fn matmul_many(
         return Ok(Vec::new());
     };
     let acts = Q8Activations::quantize(x, tokens, first.geo.cols)?;
+    let each = vec![&acts; mats.len()];
     written_outputs(mats.iter().map(|m| tokens * m.rows), |views| {
-        matmul_group(kernel, mats, &acts, views)
+        matmul_group(kernel, mats, &each, views)
     })
+}
+
+/// Products of several matrices, each with its own input (a
+/// mixture-of-experts layer's experts over the tokens routed to each), as
+/// one parallel pass. Matrix `i` reads `inputs[which[i]]` (`[tokens,
+/// cols]`), quantized once however many matrices read it; returns one
+/// `[tokens, rows]` output per matrix.
+pub fn matmul_grouped(
+    kernel: Kernel,
+    mats: &[&Q8Matrix],
+    which: &[usize],
+    inputs: &[(&[f32], usize)],
+) -> Result<Vec<Vec<f32>>> {
+    let mut acts: Vec<Option<Q8Activations>> = (0..inputs.len()).map(|_| None).collect();
+    for (m, &j) in mats.iter().zip(which) {
+        let slot = acts
+            .get_mut(j)
+            .ok_or_else(|| Error::InvalidRequest(format!("no input {j} for a grouped product")))?;
+        if slot.is_none() {
+            let (x, tokens) = inputs[j];
+            *slot = Some(Q8Activations::quantize(x, tokens, m.geo.cols)?);
+        }
+    }
+    let refs: Vec<&Q8Activations> = which.iter().filter_map(|&j| acts[j].as_ref()).collect();
+    written_outputs(
+        mats.iter().zip(&refs).map(|(m, a)| a.tokens * m.rows),
+        |views| matmul_group(kernel, mats, &refs, views),
+    )
 }
 
 /// Output buffers of `lens` values for a pass that writes every element
@@ -443,7 +472,7 @@ pub(crate) fn written_outputs(
 fn matmul_group(
     kernel: Kernel,
     mats: &[&Q8Matrix],
-    acts: &Q8Activations,
+    acts: &[&Q8Activations],
     outs: &mut [&mut [MaybeUninit<f32>]],
 ) -> Result<()> {
     if !kernel.is_available() {
@@ -451,19 +480,20 @@ fn matmul_group(
             "the {kernel:?} kernel needs CPU features this machine lacks"
         )));
     }
-    if mats.len() != outs.len() {
+    if mats.len() != outs.len() || mats.len() != acts.len() {
         return Err(Error::InvalidRequest(format!(
-            "{} matrices but {} outputs",
+            "{} matrices, {} activations, {} outputs",
             mats.len(),
+            acts.len(),
             outs.len()
         )));
     }
-    let tokens = acts.tokens;
-    let token_blocks = tokens.div_ceil(TOKEN_BLOCK);
     // Per matrix: (rows per chunk, chunks, first task, output).
     let mut plan = Vec::with_capacity(mats.len());
     let mut tasks = 0;
-    for (m, out) in mats.iter().zip(outs.iter_mut()) {
+    for ((m, out), acts) in mats.iter().zip(outs.iter_mut()).zip(acts) {
+        let tokens = acts.tokens;
+        let token_blocks = tokens.div_ceil(TOKEN_BLOCK);
         if acts.geo != m.geo || out.len() != tokens * m.rows {
             return Err(Error::InvalidRequest(format!(
                 "Q8_0 product: weights [{}, {}], activations [{}, {}], output of {} values",
@@ -488,12 +518,12 @@ fn matmul_group(
         // The matrix whose tasks include `i`: the last one starting at or before it.
         let mi = plan.partition_point(|p| p.2 <= i) - 1;
         let (chunk, chunks, first, out) = plan[mi];
-        let m = mats[mi];
+        let (m, acts) = (mats[mi], acts[mi]);
         let local = i - first;
         let (rc, tb) = (local % chunks, local / chunks);
         let r0 = rc * chunk;
         let r1 = (r0 + chunk).min(m.rows);
-        let t1 = ((tb + 1) * TOKEN_BLOCK).min(tokens);
+        let t1 = ((tb + 1) * TOKEN_BLOCK).min(acts.tokens);
         let mut t0 = tb * TOKEN_BLOCK;
         while t0 < t1 {
             let n = (t1 - t0).min(TOKEN_TILE);

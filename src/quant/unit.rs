@@ -548,7 +548,7 @@ pub(crate) fn matmul<F: UnitFormat>(
 ) -> Result<Vec<f32>> {
     let acts = UnitActs::quantize(x, tokens, m.cols(), F::ACTS)?;
     let mut outs = written_outputs([tokens * m.rows()].into_iter(), |views| {
-        run_group(kernel, &[m], &acts, views)
+        run_group(kernel, &[m], &[&acts], views)
     })?;
     Ok(outs.pop().unwrap_or_default())
 }
@@ -565,17 +565,47 @@ pub(crate) fn matmul_many<F: UnitFormat>(
         return Ok(Vec::new());
     };
     let acts = UnitActs::quantize(x, tokens, first.cols(), F::ACTS)?;
+    let each = vec![&acts; mats.len()];
     written_outputs(mats.iter().map(|m| tokens * m.rows()), |views| {
-        run_group(kernel, mats, &acts, views)
+        run_group(kernel, mats, &each, views)
     })
+}
+
+/// Products of several matrices of one format, each with its own input (a
+/// mixture-of-experts layer's experts, each over the tokens routed to it),
+/// as one parallel pass. Matrix `i` reads `inputs[which[i]]` (`[tokens,
+/// cols]`), quantized once however many matrices read it; returns one
+/// `[tokens, rows]` output per matrix.
+pub(crate) fn matmul_grouped<F: UnitFormat>(
+    kernel: Kernel,
+    mats: &[&F],
+    which: &[usize],
+    inputs: &[(&[f32], usize)],
+) -> Result<Vec<Vec<f32>>> {
+    let mut acts: Vec<Option<UnitActs>> = (0..inputs.len()).map(|_| None).collect();
+    for (m, &j) in mats.iter().zip(which) {
+        let slot = acts
+            .get_mut(j)
+            .ok_or_else(|| Error::InvalidRequest(format!("no input {j} for a grouped product")))?;
+        if slot.is_none() {
+            let (x, tokens) = inputs[j];
+            *slot = Some(UnitActs::quantize(x, tokens, m.cols(), F::ACTS)?);
+        }
+    }
+    let refs: Vec<&UnitActs> = which.iter().filter_map(|&j| acts[j].as_ref()).collect();
+    written_outputs(
+        mats.iter().zip(&refs).map(|(m, a)| a.tokens * m.rows()),
+        |views| run_group(kernel, mats, &refs, views),
+    )
 }
 
 /// The parallel pass: tasks of (matrix, chunk of rows, block of tokens),
 /// each writing its own rectangle of its matrix's `[tokens, rows]` output.
+/// `acts[i]` are matrix `i`'s activations.
 pub(crate) fn run_group<F: UnitFormat>(
     kernel: Kernel,
     mats: &[&F],
-    acts: &UnitActs,
+    acts: &[&UnitActs],
     outs: &mut [&mut [MaybeUninit<f32>]],
 ) -> Result<()> {
     if !kernel.is_available() {
@@ -583,19 +613,20 @@ pub(crate) fn run_group<F: UnitFormat>(
             "the {kernel:?} kernel needs CPU features this machine lacks"
         )));
     }
-    if mats.len() != outs.len() {
+    if mats.len() != outs.len() || mats.len() != acts.len() {
         return Err(Error::InvalidRequest(format!(
-            "{} matrices but {} outputs",
+            "{} matrices, {} activations, {} outputs",
             mats.len(),
+            acts.len(),
             outs.len()
         )));
     }
-    let tokens = acts.tokens;
-    let token_blocks = tokens.div_ceil(TOKEN_BLOCK);
     // Per matrix: (rows per chunk, chunks, first task, output).
     let mut plan = Vec::with_capacity(mats.len());
     let mut tasks = 0;
-    for (m, out) in mats.iter().zip(outs.iter_mut()) {
+    for ((m, out), acts) in mats.iter().zip(outs.iter_mut()).zip(acts) {
+        let tokens = acts.tokens;
+        let token_blocks = tokens.div_ceil(TOKEN_BLOCK);
         if acts.cols != m.cols() || acts.scale != F::ACTS || out.len() != tokens * m.rows() {
             return Err(Error::InvalidRequest(format!(
                 "quantized product: weights [{}, {}], activations [{}, {}], output of {} values",
@@ -619,12 +650,12 @@ pub(crate) fn run_group<F: UnitFormat>(
     let task = |i: usize| {
         let mi = plan.partition_point(|p| p.2 <= i) - 1;
         let (chunk, chunks, first, out) = plan[mi];
-        let m = mats[mi];
+        let (m, acts) = (mats[mi], acts[mi]);
         let local = i - first;
         let (rc, tb) = (local % chunks, local / chunks);
         let r0 = rc * chunk;
         let r1 = (r0 + chunk).min(m.rows());
-        let t1 = ((tb + 1) * TOKEN_BLOCK).min(tokens);
+        let t1 = ((tb + 1) * TOKEN_BLOCK).min(acts.tokens);
         let mut t0 = tb * TOKEN_BLOCK;
         while t0 < t1 {
             let n = (t1 - t0).min(TOKEN_TILE);
