@@ -254,12 +254,14 @@ fn sync(device: &Device) -> Result<()> {
 /// Bytes of weights one decode step reads: all of them, except that an
 /// input embedding the head does not share (an untied one, or a tied one
 /// whose head is a quantized copy, from `--quant` or a GGUF file)
-/// contributes one row, not the table. (The KV cache adds `2 × layers × kv_heads × head_dim`
+/// contributes one row, not the table, and a mixture-of-experts layer
+/// contributes its router and the `top_k` experts a token is routed to, not
+/// every expert. (The KV cache adds `2 × layers × kv_heads × head_dim`
 /// elements per cached position, negligible at small depths, and is not
 /// counted.)
 pub fn weight_bytes_per_token(model: &Decoder) -> usize {
     let c = model.config();
-    let mut n = model.weight_bytes();
+    let mut n = model.weight_bytes() - model.unrouted_expert_bytes();
     if !model.head_is_embedding_table() {
         let row = model.embedding_row_bytes();
         n = n.saturating_sub(row * c.vocab_size.saturating_sub(1));

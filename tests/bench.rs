@@ -110,3 +110,27 @@ fn bench_rejects_nothing_to_measure_and_too_long_contexts() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--repetitions` must be >= 1"));
 }
+
+/// A mixture-of-experts model's decode step reads the router and the
+/// `top_k` routed experts of each layer, not every expert: the bandwidth
+/// bound counts those bytes. (Mixtral fixture: 3 layers of 5 experts, top-2,
+/// hidden 64, expert width 128, untied 384-token embeddings, f32.)
+#[test]
+fn a_moe_models_bytes_per_token_count_the_routed_experts() {
+    let o = Command::new(env!("CARGO_BIN_EXE_taper"))
+        .args(["bench", "--model"])
+        .arg(fixture("mixtral"))
+        .args(["-p", "0", "-n", "2", "-r", "1", "-o", "json"])
+        .args(["--bandwidth-mib", "16", "--threads", "1"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("taper runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let row = &rows[0];
+    let size = row["size_bytes"].as_u64().expect("size");
+    let per_token = row["weight_bytes_per_token"].as_u64().expect("bytes per token");
+    let embedding_rows_not_read = 383 * 64 * 4;
+    let unrouted_experts = 3 * (5 - 2) * 3 * 64 * 128 * 4;
+    assert_eq!(per_token, size - embedding_rows_not_read - unrouted_experts);
+}

@@ -498,6 +498,28 @@ impl Decoder {
 
     /// Bytes the weights take in memory, in their runtime dtypes (norms are
     /// f32), counting a tied embedding once, as `num_parameters` counts.
+    /// Bytes of expert weights that a decode step's token does not read: in
+    /// each mixture-of-experts layer it reads `top_k` of the experts (all of
+    /// one size), so the rest of their bytes are not part of its cost.
+    pub fn unrouted_expert_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                FeedForward::Moe(m) => Some(m),
+                FeedForward::Dense(_) => None,
+            })
+            .map(|m| {
+                let all: usize = m
+                    .experts
+                    .iter()
+                    .flat_map(|e| [&e.gate, &e.up, &e.down])
+                    .map(Linear::weight_bytes)
+                    .sum();
+                all - all * m.top_k.min(m.experts.len()) / m.experts.len().max(1)
+            })
+            .sum()
+    }
+
     pub fn weight_bytes(&self) -> usize {
         let c = &self.config;
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();

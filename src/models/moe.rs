@@ -47,7 +47,6 @@ impl MoeBlock {
 
     /// `x` is `[tokens, hidden]`; returns the same shape in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (tokens, hidden) = x.dims2()?;
         let scores = self
             .router
             .forward(x)?
