@@ -139,6 +139,21 @@ pub enum RopeScaling {
         /// Round the ramp's ends to whole dimensions (the default).
         truncate: bool,
     },
+    /// Phi-3's `longrope`: one divisor per frequency, `short` for the
+    /// positions inside the original context and `long` from
+    /// `original_max_position_embeddings` on, and cos/sin scaled by
+    /// `attention_factor`. transformers picks the factors per forward pass
+    /// from its highest position, so a prompt longer than the original
+    /// context is rotated with the long factors throughout; taper picks
+    /// them per position (the same as transformers for prompts inside the
+    /// original context and for every decode step after it), so a token's
+    /// rotation does not depend on how its prompt was chunked or batched.
+    LongRope {
+        short: Vec<f32>,
+        long: Vec<f32>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
     /// One divisor per frequency, given as numbers rather than a formula:
     /// how GGUF files carry Llama 3.1's scaling (llama.cpp's
     /// `rope_freqs.weight`).
@@ -553,6 +568,23 @@ impl ModelConfig {
                     positive("rope_scaling.beta_slow", *beta_slow).map_err(err)?;
                     positive("rope_scaling.attention_factor", *attention_factor).map_err(err)?;
                 }
+                RopeScaling::LongRope {
+                    short,
+                    long,
+                    attention_factor,
+                    ..
+                } => {
+                    positive("rope_scaling.attention_factor", *attention_factor).map_err(err)?;
+                    let half = self.head_dim / 2;
+                    for (name, f) in [("short_factor", short), ("long_factor", long)] {
+                        if f.len() != half {
+                            return Err(err(format!(
+                                "rope_scaling.{name} has {} entries but the rotary dimension needs {half} (head_dim / 2)",
+                                f.len()
+                            )));
+                        }
+                    }
+                }
                 RopeScaling::Factors(factors) => {
                     if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
                         return Err(err(format!(
@@ -949,9 +981,56 @@ impl Fields<'_> {
                             truncate: s.get("truncate").and_then(Value::as_bool).unwrap_or(true),
                         }
                     }
+                    "longrope" | "su" => {
+                        let factors = |k: &str| -> Result<Vec<f32>> {
+                            s.get(k)
+                                .and_then(Value::as_array)
+                                .and_then(|a| {
+                                    a.iter().map(|v| v.as_f64().map(|f| f as f32)).collect()
+                                })
+                                .filter(|f: &Vec<f32>| f.iter().all(|x| x.is_finite() && *x > 0.0))
+                                .ok_or_else(|| {
+                                    self.err(format!(
+                                        "rope scaling 'longrope' needs '{k}', a list of positive numbers"
+                                    ))
+                                })
+                        };
+                        let (short, long) = (factors("short_factor")?, factors("long_factor")?);
+                        let original = match s
+                            .get("original_max_position_embeddings")
+                            .and_then(Value::as_u64)
+                        {
+                            Some(o) => o as usize,
+                            None => self
+                                .opt_usize("original_max_position_embeddings")?
+                                .ok_or_else(|| {
+                                    self.err(
+                                        "rope scaling 'longrope' needs 'original_max_position_embeddings'"
+                                            .into(),
+                                    )
+                                })?,
+                        };
+                        let max = self.opt_usize("max_position_embeddings")?.unwrap_or(original);
+                        // transformers' _compute_longrope_parameters.
+                        let factor = s
+                            .get("factor")
+                            .and_then(Value::as_f64)
+                            .unwrap_or(max as f64 / original.max(1) as f64);
+                        let attention_factor = match s.get("attention_factor").and_then(Value::as_f64) {
+                            Some(a) => a,
+                            None if factor <= 1.0 => 1.0,
+                            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                        };
+                        RopeScaling::LongRope {
+                            short,
+                            long,
+                            original_max_position_embeddings: original,
+                            attention_factor,
+                        }
+                    }
                     other => {
                         return Err(self.err(format!(
-                            "rope scaling type '{other}' is not supported (supported: default, linear, llama3, yarn)"
+                            "rope scaling type '{other}' is not supported (supported: default, linear, llama3, yarn, longrope)"
                         )))
                     }
                 }
@@ -1211,6 +1290,37 @@ mod tests {
         v["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 4.0});
         let err = parse(v).unwrap_err().to_string();
         assert!(err.contains("dynamic"), "{err}");
+    }
+
+    /// Phi-3.5-mini's form: `longrope` under `rope_scaling` with the
+    /// original context at the top level; the attention factor from the
+    /// ratio of the two contexts; factor lists of the wrong length named.
+    #[test]
+    fn longrope_reads_both_factor_lists_and_the_original_context() -> Result<()> {
+        let mut v = base("Phi3ForCausalLM");
+        let half = v["hidden_size"].as_u64().unwrap_or(0) / v["num_attention_heads"].as_u64().unwrap_or(1) / 2;
+        let ones: Vec<f64> = (0..half).map(|_| 1.0).collect();
+        let twos: Vec<f64> = (0..half).map(|_| 2.0).collect();
+        v["max_position_embeddings"] = json!(131072);
+        v["original_max_position_embeddings"] = json!(4096);
+        v["rope_scaling"] = json!({"type": "longrope", "short_factor": ones, "long_factor": twos});
+        let RopeScaling::LongRope {
+            short,
+            long,
+            original_max_position_embeddings,
+            attention_factor,
+        } = parse(v.clone())?.rope.scaling
+        else {
+            panic!("longrope");
+        };
+        assert_eq!((short.len(), long[0]), (half as usize, 2.0));
+        assert_eq!(original_max_position_embeddings, 4096);
+        let want = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+        assert!((attention_factor - want).abs() < 1e-12, "{attention_factor}");
+        v["rope_scaling"]["long_factor"] = json!([2.0]);
+        let err = parse(v).unwrap_err().to_string();
+        assert!(err.contains("long_factor has 1 entries"), "{err}");
+        Ok(())
     }
 
     #[test]

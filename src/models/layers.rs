@@ -293,12 +293,17 @@ impl Mlp {
 /// angles agree to the last bit where possible.
 pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
     let base = rope.theta as f32;
+    if let RopeScaling::LongRope { short, .. } = &rope.scaling {
+        return longrope_frequencies(base, short, head_dim);
+    }
     let mut inv: Vec<f32> = (0..head_dim)
         .step_by(2)
         .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
         .collect();
     match rope.scaling {
         RopeScaling::None => {}
+        // Handled above.
+        RopeScaling::LongRope { .. } => {}
         RopeScaling::Factors(ref factors) => {
             for (f, d) in inv.iter_mut().zip(factors) {
                 *f /= d;
@@ -371,11 +376,24 @@ pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
     inv
 }
 
+/// LongRoPE's frequencies: `1 / (factor · base^(i / dim))`, in f32 in
+/// transformers' order of operations.
+fn longrope_frequencies(base: f32, factors: &[f32], head_dim: usize) -> Vec<f32> {
+    (0..head_dim)
+        .step_by(2)
+        .zip(factors)
+        .map(|(i, &f)| 1.0 / (f * base.powf(i as f32 / head_dim as f32)))
+        .collect()
+}
+
 /// Rotary embedding for one frequency set, applied at arbitrary positions.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     inv_freq: Vec<f32>,
-    /// YaRN's attention factor, applied to cos and sin (1 otherwise).
+    /// LongRoPE's frequencies from this position on.
+    long: Option<(usize, Vec<f32>)>,
+    /// YaRN's or LongRoPE's attention factor, applied to cos and sin (1
+    /// otherwise).
     scale: f32,
 }
 
@@ -384,11 +402,26 @@ impl RotaryEmbedding {
         let scale = match rope.scaling {
             RopeScaling::Yarn {
                 attention_factor, ..
+            }
+            | RopeScaling::LongRope {
+                attention_factor, ..
             } => attention_factor as f32,
             _ => 1.0,
         };
+        let long = match &rope.scaling {
+            RopeScaling::LongRope {
+                long,
+                original_max_position_embeddings,
+                ..
+            } => Some((
+                *original_max_position_embeddings,
+                longrope_frequencies(rope.theta as f32, long, head_dim),
+            )),
+            _ => None,
+        };
         RotaryEmbedding {
             inv_freq: inverse_frequencies(rope, head_dim),
+            long,
             scale,
         }
     }
@@ -404,7 +437,11 @@ impl RotaryEmbedding {
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            for &f in &self.inv_freq {
+            let freqs = match &self.long {
+                Some((from, long)) if p >= *from => long,
+                _ => &self.inv_freq,
+            };
+            for &f in freqs {
                 let angle = p as f32 * f;
                 cos.push(angle.cos() * self.scale);
                 sin.push(angle.sin() * self.scale);

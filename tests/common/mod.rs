@@ -17,7 +17,7 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every fixture model.
-pub const MODELS: [&str; 15] = [
+pub const MODELS: [&str; 16] = [
     "llama",
     "llama3",
     "mistral",
@@ -29,6 +29,7 @@ pub const MODELS: [&str; 15] = [
     "qwen3_moe",
     "mixtral",
     "llama_yarn",
+    "phi3_longrope",
     "granite",
     "smollm3",
     "olmo2",
